@@ -1,0 +1,408 @@
+"""Shared helpers for the kdops microbenchmarks (timing, peak memory, workers, output).
+
+Nothing in here knows about a particular op family. A bench script:
+
+1. builds a list of *cases* (dicts, JSON-serialisable) and a list of provider names;
+2. in the parent process, calls :func:`run_worker` once per (provider, group of cases); the worker is
+   the same script re-invoked with ``--worker`` and prints one :func:`emit_result` line per case;
+3. in the worker, uses :func:`time_fn` for timing and :class:`PeakMemory` for the peak memory of one
+   call, so that every provider's memory is measured in a process of its own (allocator state,
+   ``torch.compile`` caches and the high-water mark of one provider cannot leak into another's);
+4. prints the collected rows with :func:`format_table`, writes them with :func:`write_json` (plus
+   :func:`machine_info`) and optionally draws them with :func:`plot_bars`.
+
+Memory convention (same on every device): a case's inputs are allocated first, then
+``extra = peak - baseline`` is measured around one call, and the reported peak is
+``input_bytes + extra``, i.e. the memory the call needs with its inputs included. The scripts also
+report that peak as a ratio to a budget they choose (for a loss: inputs + one gradient buffer).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+RESULT_PREFIX = "@@KDOPS_BENCH_RESULT@@ "
+
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    try:
+        return getattr(torch, DTYPE_NAMES.get(name, name))
+    except AttributeError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_NAMES)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Device helpers
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    device: str,
+    reps: int,
+    warmup: int = 1,
+    setup: Callable[[], Any] | None = None,
+) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``reps`` times timed; return seconds per call.
+
+    ``setup`` runs before every call (warm-up included) and is not timed, e.g. to drop ``.grad``.
+    CPU: ``time.perf_counter`` around the call (CPU ops are synchronous).
+    CUDA: a pair of CUDA events around the call, with a device synchronize before each call (so
+    the previous call and ``setup`` are done) and after it (so the elapsed time can be read).
+    """
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    if device.startswith("cuda"):
+        import torch
+
+        for _ in range(reps):
+            if setup is not None:
+                setup()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(reps):
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize_times(times: Sequence[float]) -> dict[str, Any]:
+    return {
+        "times_s": list(times),
+        "median_s": statistics.median(times) if times else None,
+        "min_s": min(times) if times else None,
+        "reps": len(times),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak memory
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    # Writing "5" to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS
+    # (Linux >= 4.0, documented in Documentation/filesystems/proc.rst).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_hwm_resettable() -> bool:
+    """Whether this process (and so a worker on the same kernel) can reset its peak RSS."""
+    return _proc_status_kb("VmHWM") is not None and _reset_hwm()
+
+
+class PeakMemory:
+    """Peak memory of the code run inside ``with PeakMemory(device) as m:``, in bytes.
+
+    After the block: ``m.baseline`` (memory in use when it started, inputs included),
+    ``m.peak`` (high-water mark during it), ``m.extra = peak - baseline`` and ``m.method``.
+
+    CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` after
+    ``reset_peak_memory_stats``, i.e. bytes held by live tensors through the caching allocator
+    (allocator fragmentation and the CUDA context are not counted).
+
+    CPU: resident set size. We read ``VmHWM`` (peak RSS) from ``/proc/self/status`` and reset it
+    to the current RSS at the start of the block by writing "5" to ``/proc/self/clear_refs``.
+    ``resource.getrusage(...).ru_maxrss`` is the same high-water mark but cannot be reset, so
+    with it only the first measured call of a process would be meaningful: importing torch,
+    ``torch.compile``'s compilation and every warm-up call raise it for good, and a later call
+    that needs less than an earlier one would read as needing nothing. With the reset, the
+    baseline is taken right before the measured call, with the inputs already allocated and
+    written (RSS counts only touched pages, so inputs must be touched before). If the reset is
+    not possible (not Linux, or /proc unavailable) we fall back to ``ru_maxrss`` and set
+    ``method`` to say so; the caller should then measure before anything else runs.
+    Large tensors (above glibc's mmap threshold, at most 32 MiB) are mmap'ed and go back to
+    the OS when freed, so RSS follows live tensor memory closely for the sizes benchmarked
+    here; pages allocated but never written are not resident and are not counted.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.baseline = 0
+        self.peak = 0
+        self.method = ""
+
+    @property
+    def extra(self) -> int:
+        return max(0, self.peak - self.baseline)
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        elif _proc_status_kb("VmHWM") is not None and _reset_hwm():
+            self.baseline = _proc_status_kb("VmRSS") * 1024
+            self.method = "VmHWM (reset via /proc/self/clear_refs)"
+        else:
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            self._scale = scale
+            self.baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            self.method = "ru_maxrss (no reset: only valid for the first call of a process)"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method.startswith("VmHWM"):
+            self.peak = _proc_status_kb("VmHWM") * 1024
+        else:
+            import resource
+
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * self._scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker processes
+
+
+def emit_result(record: dict[str, Any]) -> None:
+    """Worker side: print one result record on its own stdout line (the parent parses these)."""
+    sys.stdout.write(RESULT_PREFIX + json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def run_worker(
+    script: str,
+    worker_args: Sequence[str],
+    *,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Run ``python script --worker <worker_args...>``; return (records, error or None).
+
+    Records are the :func:`emit_result` lines; anything else on stdout/stderr is kept only for
+    the error message. A crash (for example the OOM killer) keeps the records printed before it.
+    """
+    cmd = [sys.executable, script, "--worker", *worker_args]
+    try:
+        proc = subprocess.run(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = f"timed out after {timeout} s"
+        rc = None
+    records = []
+    for line in out.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            records.append(json.loads(line[len(RESULT_PREFIX) :]))
+    error = None
+    if rc != 0:
+        tail = "\n".join((err or "").strip().splitlines()[-15:])
+        error = f"worker exited with {rc}: {tail}" if rc is not None else err
+    return records, error
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine info and output
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "cpu_model": _cpu_model(),
+        "device": device,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["device_name"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info["device_total_memory"] = props.total_memory
+        info["cuda_capability"] = f"{props.major}.{props.minor}"
+    else:
+        info["device_name"] = info["cpu_model"]
+    try:
+        mem_kb = _proc_status_kb("VmRSS")  # just to check /proc exists
+        if mem_kb is not None:
+            with open("/proc/meminfo") as f:
+                info["host_memory_bytes"] = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+    except Exception:
+        info["git_commit"] = None
+    return info
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def fmt_ratio(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}x"
+
+
+def fmt_mb(nbytes: float | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    rows = [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+    def line(cells):
+        return "  ".join(c.rjust(w) if i >= 1 and _numeric(c) else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _numeric(cell: str) -> bool:
+    return bool(cell) and (cell[0].isdigit() or cell == "-")
+
+
+def plot_bars(
+    path: str,
+    groups: Sequence[str],
+    series: dict[str, Sequence[float | None]],
+    *,
+    ylabel: str,
+    title: str,
+    hline: float | None = None,
+    second: tuple[str, dict[str, Sequence[float | None]], float | None] | None = None,
+) -> str | None:
+    """Grouped bar chart (one group per case, one bar per provider) saved as PNG.
+
+    ``second`` = (ylabel, series, hline) adds a second panel below with the same groups.
+    Returns the path written, or None (with a message) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'kdops[bench]' to get it)")
+        return None
+    panels = [(ylabel, series, hline)] + ([second] if second else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.9 * len(groups) + 2), 3.6 * len(panels)),
+                             squeeze=False)
+    names = list(series)
+    width = 0.8 / max(1, len(names))
+    for ax, (label, ser, line) in zip(axes[:, 0], panels):
+        for i, name in enumerate(names):
+            vals = [float("nan") if v is None else v for v in ser.get(name, [])]
+            xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(vals))]
+            ax.bar(xs, vals, width=width, label=name)
+        if line is not None:
+            ax.axhline(line, color="k", linestyle="--", linewidth=0.8)
+        ax.set_ylabel(label)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=7)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

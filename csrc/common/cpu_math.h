@@ -1,0 +1,121 @@
+// Scalar math for the CPU kernels, written so that GCC and Clang vectorize the loops that call it:
+// no calls into libm, no branches (selects only), bit casts instead of frexp/ldexp. float gets
+// polynomial exp/log (Cephes-style minimax, about 1 ulp on the ranges used here); double keeps
+// libm, since double inputs exist for gradcheck, not for speed.
+#pragma once
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+namespace kdops::cpu {
+
+// a * b + c, fused where the build targets FMA hardware; the baseline build would otherwise call
+// libm's software fma in the hot loop.
+inline float fmadd(float a, float b, float c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// exp for x <= 88 (kernels only call it on x - rowmax <= 0); exp(-inf) = 0, NaN stays NaN.
+inline float exp_f32(float x) {
+  constexpr float kMin = -87.33654475f;  // below this the result is under FLT_MIN: flush to 0
+  constexpr float kMax = 88.0f;
+  float xc = x < kMin ? kMin : x;  // written as selects so NaN falls through untouched
+  xc = xc > kMax ? kMax : xc;
+  // x = n ln2 + r, |r| <= ln2 / 2; the magic constant rounds to nearest without a libm call
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
+  float r = fmadd(n, -0.693359375f, xc);
+  r = fmadd(n, 2.12194440e-4f, r);
+  float poly = 1.9875691500e-4f;
+  poly = fmadd(poly, r, 1.3981999507e-3f);
+  poly = fmadd(poly, r, 8.3334519073e-3f);
+  poly = fmadd(poly, r, 4.1665795894e-2f);
+  poly = fmadd(poly, r, 1.6666665459e-1f);
+  poly = fmadd(poly, r, 5.0000001201e-1f);
+  const float er = fmadd(poly * r, r, r + 1.0f);
+  const int32_t biased = static_cast<int32_t>(n) + 127;
+  const float two_n = std::bit_cast<float>(biased << 23);
+  return x < kMin ? 0.0f : er * two_n;
+}
+
+// Natural log for x >= 0 (denormals included); log(0) = -inf, NaN stays NaN. Callers never pass
+// negative numbers or +inf (the arguments are probabilities).
+inline float log_f32(float x) {
+  constexpr float kMinNormal = 1.17549435e-38f;
+  const bool tiny = x < kMinNormal;
+  const float xs = tiny ? x * 8388608.0f : x;  // 2^23 lifts denormals into the normal range
+  const int32_t bits = std::bit_cast<int32_t>(xs);
+  // split x = 2^e * m with m in [sqrt(1/2), sqrt(2))
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float fe = static_cast<float>(e) - (tiny ? 23.0f : 0.0f);
+  const float z = m * m;
+  float poly = 7.0376836292e-2f;
+  poly = fmadd(poly, m, -1.1514610310e-1f);
+  poly = fmadd(poly, m, 1.1676998740e-1f);
+  poly = fmadd(poly, m, -1.2420140846e-1f);
+  poly = fmadd(poly, m, 1.4249322787e-1f);
+  poly = fmadd(poly, m, -1.6668057665e-1f);
+  poly = fmadd(poly, m, 2.0000714765e-1f);
+  poly = fmadd(poly, m, -2.4999993993e-1f);
+  poly = fmadd(poly, m, 3.3333331174e-1f);
+  float y = poly * m * z;
+  y = fmadd(fe, -2.12194440e-4f, y);
+  y = fmadd(z, -0.5f, y);
+  float result = m + y;
+  result = fmadd(fe, 0.693359375f, result);
+  result = x == 0.0f ? -INFINITY : result;
+  return x != x ? x : result;
+}
+
+template <typename T>
+struct Math;
+
+template <>
+struct Math<float> {
+  static float exp(float x) { return exp_f32(x); }
+  static float log(float x) { return log_f32(x); }
+};
+
+template <>
+struct Math<double> {
+  static double exp(double x) { return std::exp(x); }
+  static double log(double x) { return std::log(x); }
+};
+
+// Storage types. bf16 and fp16 are converted by hand (bit shifts, _Float16) so the conversion
+// vectorizes inside the kernel loops instead of calling into c10.
+struct BFloat16Bits {
+  uint16_t bits;
+};
+
+inline float load(float x) { return x; }
+inline double load(double x) { return x; }
+inline float load(BFloat16Bits x) { return std::bit_cast<float>(static_cast<uint32_t>(x.bits) << 16); }
+inline float load(_Float16 x) { return static_cast<float>(x); }
+
+template <typename Storage, typename Acc>
+inline Storage store(Acc x);
+template <>
+inline float store<float, float>(float x) { return x; }
+template <>
+inline double store<double, double>(double x) { return x; }
+template <>
+inline _Float16 store<_Float16, float>(float x) { return static_cast<_Float16>(x); }
+template <>
+inline BFloat16Bits store<BFloat16Bits, float>(float x) {
+  // round to nearest even; a NaN keeps a quiet-NaN pattern instead of rounding into inf
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return BFloat16Bits{static_cast<uint16_t>(x != x ? 0x7fc0u : rounded)};
+}
+
+}  // namespace kdops::cpu

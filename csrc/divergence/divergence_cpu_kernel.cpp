@@ -1,0 +1,175 @@
+// The fused divergence kernel for the CPU: one row at a time, four sweeps over the row while it
+// sits in L2 (max; exp and sums; loss and side sums; gradient), so DRAM sees each input once and
+// the gradient once. Compiled per instruction set with KD_CPU_ISA naming the namespace; the loops
+// are plain C++ with `omp simd` reductions (-fopenmp-simd, no OpenMP runtime) so the compiler
+// vectorizes them, and the only temporaries are two rows of exponentials per call.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/cpu_math.h"
+#include "divergence_cpu.h"
+
+#ifndef KD_CPU_ISA
+#error "KD_CPU_ISA must name the instruction-set namespace (baseline, avx2, avx512)"
+#endif
+
+namespace kdops::cpu::KD_CPU_ISA {
+namespace {
+
+template <typename In, typename Acc, Divergence D>
+void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end) {
+  using M = Math<Acc>;
+  const int64_t V = prm.vocab;
+  const auto* student = static_cast<const In*>(prm.student);
+  const auto* teacher = static_cast<const In*>(prm.teacher);
+  const auto* temperature = static_cast<const Acc*>(prm.temperature);
+  auto* loss_rows = static_cast<Acc*>(prm.loss_rows);
+  auto* grad_tau_rows = static_cast<Acc*>(prm.grad_temperature);
+  const Acc scale = *static_cast<const Acc*>(prm.scale);
+  const Acc coef = static_cast<Acc>(prm.coef);
+  const bool any_grad = prm.grad_student || prm.grad_teacher || grad_tau_rows;
+  // fkl's student gradient is q - p (U = -1) and rkl's teacher gradient p - q (W = -1): when
+  // nothing needs the other side's sum, the loss and the gradient share one sweep.
+  const bool one_sweep =
+      (D == Divergence::kFKL && !prm.grad_teacher && !grad_tau_rows) ||
+      (D == Divergence::kRKL && !prm.grad_student && !grad_tau_rows);
+
+  std::vector<Acc> exps(2 * V);
+  Acc* ea = exps.data();
+  Acc* eb = exps.data() + V;
+
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const In* s = student + r * prm.student_row_stride;
+    const In* t = teacher + r * prm.teacher_row_stride;
+    In* gs = prm.grad_student ? static_cast<In*>(prm.grad_student) + r * V : nullptr;
+    In* gt = prm.grad_teacher ? static_cast<In*>(prm.grad_teacher) + r * V : nullptr;
+
+    if (prm.valid && !prm.valid[r]) {
+      loss_rows[r] = Acc(0);
+      if (grad_tau_rows) grad_tau_rows[r] = Acc(0);
+      for (int64_t k = 0; k < V; ++k) {
+        if (gs) gs[k] = store<In, Acc>(Acc(0));
+        if (gt) gt[k] = store<In, Acc>(Acc(0));
+      }
+      continue;
+    }
+
+    const Acc tau = temperature[r * prm.temperature_stride];
+    const Acc inv_tau = Acc(1) / tau;
+
+    // sweep 1: row maxima (of the raw logits; tau > 0 keeps the order)
+    Acc max_s = -std::numeric_limits<Acc>::infinity();
+    Acc max_t = -std::numeric_limits<Acc>::infinity();
+#pragma omp simd reduction(max : max_s, max_t)
+    for (int64_t k = 0; k < V; ++k) {
+      const Acc zs = load(s[k]);
+      const Acc zt = load(t[k]);
+      max_s = zs > max_s ? zs : max_s;
+      max_t = zt > max_t ? zt : max_t;
+    }
+    const Acc shift_s = max_s * inv_tau;
+    const Acc shift_t = max_t * inv_tau;
+
+    // sweep 2: exponentials (kept for the next sweeps) and their sums
+    Acc sum_s = 0, sum_t = 0;
+#pragma omp simd reduction(+ : sum_s, sum_t)
+    for (int64_t k = 0; k < V; ++k) {
+      const Acc es = M::exp(load(s[k]) * inv_tau - shift_s);
+      const Acc et = M::exp(load(t[k]) * inv_tau - shift_t);
+      ea[k] = es;
+      eb[k] = et;
+      sum_s += es;
+      sum_t += et;
+    }
+    const Acc lse_s = shift_s + std::log(sum_s);
+    const Acc lse_t = shift_t + std::log(sum_t);
+    const Acc inv_sum_s = Acc(1) / sum_s;
+    const Acc inv_sum_t = Acc(1) / sum_t;
+    const Acc t2 = prm.t2_scale ? tau * tau : Acc(1);
+    const Acc grad_scale = scale * t2 * inv_tau;
+
+    auto terms_at = [&](int64_t k, Acc& q, Acc& p, Acc& lq, Acc& lp) {
+      q = ea[k] * inv_sum_s;
+      p = eb[k] * inv_sum_t;
+      lq = load(s[k]) * inv_tau - lse_s;
+      lp = load(t[k]) * inv_tau - lse_t;
+      return element_terms<D, Acc, M>(q, p, lq, lp, coef);
+    };
+
+    Acc loss = 0;
+    if (one_sweep) {
+      // U = -1 (fkl) / W = -1 (rkl) exactly: gradient = q - p or p - q
+      In* g = D == Divergence::kFKL ? gs : gt;
+      const Acc sign = D == Divergence::kFKL ? Acc(1) : Acc(-1);
+#pragma omp simd reduction(+ : loss)
+      for (int64_t k = 0; k < V; ++k) {
+        Acc q, p, lq, lp;
+        const ElementTerms<Acc> e = terms_at(k, q, p, lq, lp);
+        loss += e.loss;
+        if (g) g[k] = store<In, Acc>(sign * (q - p) * grad_scale);
+      }
+      loss_rows[r] = loss * t2;
+      continue;
+    }
+
+    // sweep 3: the row loss and the side sums U, W
+    Acc side_s = 0, side_t = 0;
+#pragma omp simd reduction(+ : loss, side_s, side_t)
+    for (int64_t k = 0; k < V; ++k) {
+      Acc q, p, lq, lp;
+      const ElementTerms<Acc> e = terms_at(k, q, p, lq, lp);
+      loss += e.loss;
+      side_s += e.u;
+      side_t += e.v;
+    }
+    loss_rows[r] = loss * t2;
+    if (!any_grad) continue;
+
+    // sweep 4: gradients, and sum_k dL/da_k lq_k + dL/db_k lp_k for the temperature
+    Acc tau_sum = 0;
+#pragma omp simd reduction(+ : tau_sum)
+    for (int64_t k = 0; k < V; ++k) {
+      Acc q, p, lq, lp;
+      const ElementTerms<Acc> e = terms_at(k, q, p, lq, lp);
+      const Acc da = logit_grad(e.u, q, side_s);
+      const Acc db = logit_grad(e.v, p, side_t);
+      if (gs) gs[k] = store<In, Acc>(da * grad_scale);
+      if (gt) gt[k] = store<In, Acc>(db * grad_scale);
+      tau_sum += temperature_term(da, lq) + temperature_term(db, lp);
+    }
+    if (grad_tau_rows) {
+      // d(t2 L)/dtau = t2' L + t2 dL/dtau with dL/dtau = -tau_sum / tau
+      const Acc dloss_dtau = -tau_sum * inv_tau;
+      const Acc dt2 = prm.t2_scale ? Acc(2) * tau : Acc(0);
+      grad_tau_rows[r] = scale * (dt2 * loss + t2 * dloss_dtau);
+    }
+  }
+}
+
+template <typename In, typename Acc>
+void dispatch_divergence(const DivergenceParams& prm, int64_t begin, int64_t end) {
+  switch (prm.divergence) {
+    case Divergence::kFKL: return rows_kernel<In, Acc, Divergence::kFKL>(prm, begin, end);
+    case Divergence::kRKL: return rows_kernel<In, Acc, Divergence::kRKL>(prm, begin, end);
+    case Divergence::kJSD: return rows_kernel<In, Acc, Divergence::kJSD>(prm, begin, end);
+    case Divergence::kSkewFKL: return rows_kernel<In, Acc, Divergence::kSkewFKL>(prm, begin, end);
+    case Divergence::kSkewRKL: return rows_kernel<In, Acc, Divergence::kSkewRKL>(prm, begin, end);
+    case Divergence::kTVD: return rows_kernel<In, Acc, Divergence::kTVD>(prm, begin, end);
+  }
+}
+
+}  // namespace
+
+void divergence_rows(const DivergenceParams& params, Storage storage, int64_t row_begin,
+                     int64_t row_end) {
+  switch (storage) {
+    case Storage::kFloat32: return dispatch_divergence<float, float>(params, row_begin, row_end);
+    case Storage::kFloat64: return dispatch_divergence<double, double>(params, row_begin, row_end);
+    case Storage::kBFloat16:
+      return dispatch_divergence<BFloat16Bits, float>(params, row_begin, row_end);
+    case Storage::kFloat16: return dispatch_divergence<_Float16, float>(params, row_begin, row_end);
+  }
+}
+
+}  // namespace kdops::cpu::KD_CPU_ISA

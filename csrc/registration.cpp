@@ -1,0 +1,30 @@
+// Every kdops operator schema, in one place. Backends register implementations in their own
+// files (TORCH_LIBRARY_IMPL); fake kernels and autograd are registered from Python
+// (python/kdops/_ops). The Python module below only exists so that `import kdops._C` loads this
+// library; it uses the limited API and links no libtorch_python.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(kdops, m) {
+  // Fused divergence (DESIGN.md 3.1) on [rows, vocab] logits. Returns the reduced (or per-row)
+  // loss and, for each flag set, the gradient already multiplied by the reduction's scale:
+  // student and teacher [rows, vocab] in the input dtype, temperature per row [rows].
+  // Unrequested gradients are empty [0] tensors.
+  m.def(
+      "kd_loss(Tensor student, Tensor teacher, Tensor temperature, Tensor? valid, "
+      "Tensor? normalizer, str divergence, float beta, float alpha, str reduction, "
+      "bool t2_scale, bool grad_student, bool grad_teacher, bool grad_temperature) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor grad_temperature)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "kdops operators: loading this module registers them with torch.ops.kdops",
+      -1,    // no per-module state
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}

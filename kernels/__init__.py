@@ -1,0 +1,6 @@
+"""Triton kernels of kdops, shipped as kdops.kernels (importing this needs triton).
+
+TRITON_OPS maps a kdops op name to the torch.library triton_op that runs it on CUDA tensors.
+"""
+
+TRITON_OPS: dict = {}

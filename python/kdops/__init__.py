@@ -1,0 +1,15 @@
+"""kdops: fused knowledge-distillation loss kernels for PyTorch.
+
+Importing kdops loads the compiled operators (torch.ops.kdops.*) and registers their fake kernels
+and autograd formulas.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.kdops)
+from . import nn, reference
+from ._backend import BACKENDS, available_backends, use_backend
+from .divergence import kd_loss
+
+__all__ = ["BACKENDS", "available_backends", "kd_loss", "nn", "reference", "use_backend"]
+__version__ = "0.1.0"

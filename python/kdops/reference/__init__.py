@@ -1,0 +1,10 @@
+"""Float64 pure-PyTorch oracles for the kdops ops.
+
+These are the reference implementations the kernels are tested against: short, readable and
+computed in float64 with plain autograd-differentiable PyTorch. They are also usable as the
+``"reference"`` backend; they are not meant to be fast.
+"""
+
+from .divergence import DIVERGENCES, REDUCTIONS, kd_loss
+
+__all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss"]
