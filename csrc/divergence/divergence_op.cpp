@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "../common/memory.h"
+
 namespace kdops {
 namespace {
 
@@ -117,7 +119,7 @@ DivergenceLaunch prepare_divergence(const at::Tensor& student, const at::Tensor&
   prm.loss_rows = launch.loss_rows.data_ptr();
   // An unrequested gradient is a fresh empty tensor: op outputs must not alias each other.
   const auto grad_or_empty = [&](bool wanted) {
-    return at::empty(wanted ? at::IntArrayRef{rows, vocab} : at::IntArrayRef{0}, student.options());
+    return wanted ? empty_gradient({rows, vocab}, student.options()) : at::empty({0}, student.options());
   };
   launch.grad_student = grad_or_empty(grad_student);
   launch.grad_teacher = grad_or_empty(grad_teacher);

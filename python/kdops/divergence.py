@@ -161,6 +161,16 @@ def _graph_is_kept() -> bool:
         return True
 
 
+def _is_cpu_one(grad: torch.Tensor) -> bool:
+    """grad_output is a CPU scalar equal to 1 (reading it costs nothing there; never on a GPU)."""
+    return (
+        grad.device.type == "cpu"
+        and grad.dim() == 0
+        and not torch.compiler.is_compiling()
+        and bool(grad == 1)
+    )
+
+
 def _backward(ctx, grad_loss, _grad_s, _grad_t, _grad_tau):
     grad_student, grad_teacher, grad_temperature = ctx.saved_tensors
     names = ("student", "teacher", "temperature")
@@ -174,8 +184,11 @@ def _backward(ctx, grad_loss, _grad_s, _grad_t, _grad_tau):
         return (None,) * 13
     factor = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
     in_place = not _graph_is_kept()
+    unit = _is_cpu_one(grad_loss)
 
     def scaled(buffer):
+        if unit:  # loss.backward() on the CPU: the buffer already is the gradient
+            return buffer
         return buffer.mul_(factor) if in_place else buffer * factor
 
     d_student = scaled(grad_student) if ctx.needs_input_grad[0] else None

@@ -1,0 +1,385 @@
+// Device-side building blocks shared by the kdops CUDA kernels: the Math policy that the per-element
+// templates (e.g. divergence.h) call, storage traits for 16-byte vector access to fp32 / fp64 /
+// bf16 / fp16 rows, asynchronous global->shared copies, and warp / block / cluster reductions.
+//
+// Numerics. Everything is built with --use_fast_math, so `expf`/`logf` would become the MUFU
+// intrinsics anyway. exp uses the intrinsic (__expf: relative error about |x| * 2^-24, and the
+// kernels only take exp of x <= 0 where the result matters); log does NOT: JSD and the skew
+// divergences take differences such as log q - log m of nearby values, where __logf's 3-ulp
+// relative error of the logarithm itself would show, so log is the same Cephes-style polynomial
+// as the CPU build (csrc/common/cpu_math.h), written with device bit casts: about 1 ulp, FMA
+// pipe only. Under flush-to-zero subnormal arguments count as 0 (log = -inf); the kernels never
+// produce subnormal probabilities because every product that would is flushed first.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "macros.h"
+
+namespace kdops::cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Scalars
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ T neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() {
+  return __int_as_float(static_cast<int>(0xff800000u));
+}
+template <>
+__device__ __forceinline__ double neg_inf<double>() {
+  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+}
+
+// Natural log for x >= 0: log(0) = -inf (subnormals count as 0), log(+inf) = +inf, NaN stays NaN.
+__device__ __forceinline__ float log_f32(float x) {
+  const int bits = __float_as_int(x);
+  // x = 2^e * m, m in [sqrt(1/2), sqrt(2)), kept as m - 1
+  int e = ((bits >> 23) & 0xff) - 126;
+  float m = __int_as_float((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float fe = static_cast<float>(e);
+  const float z = m * m;
+  float poly = 7.0376836292e-2f;
+  poly = fmaf(poly, m, -1.1514610310e-1f);
+  poly = fmaf(poly, m, 1.1676998740e-1f);
+  poly = fmaf(poly, m, -1.2420140846e-1f);
+  poly = fmaf(poly, m, 1.4249322787e-1f);
+  poly = fmaf(poly, m, -1.6668057665e-1f);
+  poly = fmaf(poly, m, 2.0000714765e-1f);
+  poly = fmaf(poly, m, -2.4999993993e-1f);
+  poly = fmaf(poly, m, 3.3333331174e-1f);
+  float y = poly * m * z;
+  y = fmaf(fe, -2.12194440e-4f, y);
+  y = fmaf(z, -0.5f, y);
+  float result = m + y;
+  result = fmaf(fe, 0.693359375f, result);
+  result = x < 1.17549435e-38f ? neg_inf<float>() : result;  // 0 (and flushed subnormals)
+  result = x == __int_as_float(0x7f800000) ? x : result;     // +inf
+  return x != x ? x : result;                                 // NaN
+}
+
+// The Math policy of the shared per-element templates (divergence.h). Host versions exist only so
+// that the __host__ __device__ templates that name it stay well-formed; kernels use the device
+// branch.
+template <typename T>
+struct CudaMath;
+
+template <>
+struct CudaMath<float> {
+  static KD_HOST_DEVICE float exp(float x) {
+#if defined(__CUDA_ARCH__)
+    return __expf(x);
+#else
+    return std::exp(x);
+#endif
+  }
+  static KD_HOST_DEVICE float log(float x) {
+#if defined(__CUDA_ARCH__)
+    return log_f32(x);
+#else
+    return std::log(x);
+#endif
+  }
+};
+
+template <>
+struct CudaMath<double> {
+  static KD_HOST_DEVICE double exp(double x) { return ::exp(x); }
+  static KD_HOST_DEVICE double log(double x) { return ::log(x); }
+};
+
+// Online softmax statistics: (m, s) with s = sum exp(x - m) over the values seen, m their max.
+// -inf values contribute 0 (and never produce -inf - -inf); a NaN value makes s NaN while m stays
+// a number, so NaN reaches every output of the row; +inf makes the row NaN downstream (as
+// log_softmax does). Folds N values at once: one max over the N, then N independent exps.
+template <int N, typename T, typename Math>
+__device__ __forceinline__ void stats_push(T& m, T& s, const T (&x)[N]) {
+  T mx = x[0];
+#pragma unroll
+  for (int e = 1; e < N; ++e) mx = x[e] > mx ? x[e] : mx;
+  const T nm = mx > m ? mx : m;  // never NaN
+  T acc = m == neg_inf<T>() ? T(0) : s * Math::exp(m - nm);
+#pragma unroll
+  for (int e = 0; e < N; ++e) acc += x[e] == neg_inf<T>() ? T(0) : Math::exp(x[e] - nm);
+  m = nm;
+  s = acc;
+}
+
+// Merges statistics (om, os) into (m, s). Symmetric in its two arguments bit for bit, so butterfly
+// reductions leave every lane with the same value.
+template <typename T, typename Math>
+__device__ __forceinline__ void stats_merge(T& m, T& s, T om, T os) {
+  const T nm = om > m ? om : m;
+  const T a = m == neg_inf<T>() ? T(0) : s * Math::exp(m - nm);
+  const T b = om == neg_inf<T>() ? T(0) : os * Math::exp(om - nm);
+  m = nm;
+  s = a + b;
+}
+
+// Combiners for the reductions below: a <- a (+) b.
+struct SumOp {
+  template <int K, typename T>
+  __device__ __forceinline__ void operator()(T (&a)[K], const T (&b)[K]) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) a[k] += b[k];
+  }
+};
+
+// Two independent (max, sum) pairs: {m0, s0, m1, s1}.
+template <typename Math>
+struct StatsPairOp {
+  template <typename T>
+  __device__ __forceinline__ void operator()(T (&a)[4], const T (&b)[4]) const {
+    stats_merge<T, Math>(a[0], a[1], b[0], b[1]);
+    stats_merge<T, Math>(a[2], a[3], b[2], b[3]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Storage traits: 16-byte vectors of the input dtype <-> accumulate-type arrays
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 h) {
+  uint32_t w;
+  __builtin_memcpy(&w, &h, sizeof(w));
+  return w;
+}
+__device__ __forceinline__ uint32_t bits_of(__half2 h) {
+  uint32_t w;
+  __builtin_memcpy(&w, &h, sizeof(w));
+  return w;
+}
+
+template <typename In>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  using Acc = float;
+  static constexpr int kVec = 4;
+  static __device__ __forceinline__ Acc load(const float* p) { return __ldg(p); }
+  static __device__ __forceinline__ void store(float* p, Acc v) { __stcs(p, v); }
+  static __device__ __forceinline__ void unpack(const uint4& r, Acc (&o)[kVec]) {
+    o[0] = __uint_as_float(r.x);
+    o[1] = __uint_as_float(r.y);
+    o[2] = __uint_as_float(r.z);
+    o[3] = __uint_as_float(r.w);
+  }
+  static __device__ __forceinline__ uint4 pack(const Acc (&v)[kVec]) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+  }
+};
+
+template <>
+struct Storage<double> {
+  using Acc = double;
+  static constexpr int kVec = 2;
+  static __device__ __forceinline__ Acc load(const double* p) { return __ldg(p); }
+  static __device__ __forceinline__ void store(double* p, Acc v) { __stcs(p, v); }
+  static __device__ __forceinline__ void unpack(const uint4& r, Acc (&o)[kVec]) {
+    o[0] = __hiloint2double(static_cast<int>(r.y), static_cast<int>(r.x));
+    o[1] = __hiloint2double(static_cast<int>(r.w), static_cast<int>(r.z));
+  }
+  static __device__ __forceinline__ uint4 pack(const Acc (&v)[kVec]) {
+    return make_uint4(static_cast<uint32_t>(__double2loint(v[0])),
+                      static_cast<uint32_t>(__double2hiint(v[0])),
+                      static_cast<uint32_t>(__double2loint(v[1])),
+                      static_cast<uint32_t>(__double2hiint(v[1])));
+  }
+};
+
+template <>
+struct Storage<__nv_bfloat16> {
+  using Acc = float;
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ Acc load(const __nv_bfloat16* p) {
+    const unsigned short b = __ldg(reinterpret_cast<const unsigned short*>(p));
+    return __uint_as_float(static_cast<uint32_t>(b) << 16);
+  }
+  static __device__ __forceinline__ void store(__nv_bfloat16* p, Acc v) {
+    *p = __float2bfloat16_rn(v);
+  }
+  static __device__ __forceinline__ void unpack(const uint4& r, Acc (&o)[kVec]) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      o[2 * i] = __uint_as_float(w[i] << 16);  // lower address: low half
+      o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const Acc (&v)[kVec]) {
+    return make_uint4(bits_of(__floats2bfloat162_rn(v[0], v[1])),
+                      bits_of(__floats2bfloat162_rn(v[2], v[3])),
+                      bits_of(__floats2bfloat162_rn(v[4], v[5])),
+                      bits_of(__floats2bfloat162_rn(v[6], v[7])));
+  }
+};
+
+template <>
+struct Storage<__half> {
+  using Acc = float;
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ Acc load(const __half* p) {
+    const unsigned short b = __ldg(reinterpret_cast<const unsigned short*>(p));
+    return __half2float(__ushort_as_half(b));
+  }
+  static __device__ __forceinline__ void store(__half* p, Acc v) { *p = __float2half_rn(v); }
+  static __device__ __forceinline__ void unpack(const uint4& r, Acc (&o)[kVec]) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h;
+      __builtin_memcpy(&h, &w[i], sizeof(h));
+      const float2 f = __half22float2(h);
+      o[2 * i] = f.x;
+      o[2 * i + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const Acc (&v)[kVec]) {
+    return make_uint4(bits_of(__floats2half2_rn(v[0], v[1])), bits_of(__floats2half2_rn(v[2], v[3])),
+                      bits_of(__floats2half2_rn(v[4], v[5])), bits_of(__floats2half2_rn(v[6], v[7])));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint4 load16(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+
+// Streaming store: the gradient is not read again by this kernel, so it should not push the rows
+// that are (the plain path's second sweep) out of L2.
+__device__ __forceinline__ void store16(void* p, const uint4& v) { __stcs(static_cast<uint4*>(p), v); }
+
+// 16-byte global -> shared copy that bypasses registers (and L1). Completion is awaited per
+// thread with cp_async_wait_all(), which also makes the data visible to the issuing thread; other
+// threads need a barrier after that.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+  *static_cast<uint4*>(smem) = load16(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. All are all-reduces (every participating thread ends with the result) and are
+// deterministic: the combination order is fixed, and with symmetric combiners every lane, warp
+// and cluster block ends with the bit-identical value.
+// ---------------------------------------------------------------------------------------------
+
+template <int K, typename T, typename Op>
+__device__ __forceinline__ void warp_allreduce(T (&v)[K], Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    T other[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) other[k] = __shfl_xor_sync(0xffffffffu, v[k], offset);
+    op(v, other);
+  }
+}
+
+// blockDim.x must be a multiple of 32 (at most 1024); scratch holds 32 * K values. Called by every
+// thread of the block; starts with a barrier so that scratch may be reused call after call.
+template <int K, typename T, typename Op>
+__device__ __forceinline__ void block_allreduce(T (&v)[K], T* scratch, Op op) {
+  warp_allreduce<K>(v, op);
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  __syncthreads();  // the previous call's readers are done with scratch
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) scratch[warp * K + k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = scratch[k];
+  for (int w = 1; w < warps; ++w) {
+    T other[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) other[k] = scratch[w * K + k];
+    op(v, other);
+  }
+}
+
+// Thread-block clusters (sm_90). Wrappers so that code compiled for older targets still builds;
+// there they must not be reached (the host launches clusters only for sm_90 code).
+__device__ __forceinline__ uint32_t cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return __clusterRelativeBlockRank();
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __cluster_barrier_arrive_relaxed();
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __cluster_barrier_wait();
+#else
+  __trap();
+#endif
+}
+
+constexpr int kMaxCluster = 8;
+
+// Cluster all-reduce of a value every thread of each block already holds (after block_allreduce).
+// Push model: block `rank` writes its K values into slot [rank] of `exchange` (kMaxCluster x 4
+// values) in every block of the cluster, one remote store per thread t < csize; a cluster barrier
+// (arrive has release, wait has acquire semantics) publishes them; each block then folds the
+// slots locally in rank order, so all blocks get bit-identical results. After the barrier no
+// block touches another's shared memory, so a block may exit after its last exchange. An
+// `exchange` buffer may be written again only after one more cluster barrier (the caller's job:
+// use a different buffer for consecutive exchanges).
+template <int K, typename T, typename Op>
+__device__ __forceinline__ void cluster_allreduce(T (&v)[K], T* exchange, uint32_t rank,
+                                                  uint32_t csize, Op op) {
+  static_assert(K <= 4, "cluster exchange slots hold 4 values");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x < csize) {
+    T* dst = static_cast<T*>(__cluster_map_shared_rank(exchange + rank * 4, threadIdx.x));
+#pragma unroll
+    for (int k = 0; k < K; ++k) dst[k] = v[k];
+  }
+  __cluster_barrier_arrive();
+  __cluster_barrier_wait();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = exchange[k];
+  for (uint32_t c = 1; c < csize; ++c) {
+    T other[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) other[k] = exchange[c * 4 + k];
+    op(v, other);
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace kdops::cuda
