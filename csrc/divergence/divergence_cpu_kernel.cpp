@@ -29,9 +29,12 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
   const Acc scale = *static_cast<const Acc*>(prm.scale);
   const Acc coef = static_cast<Acc>(prm.coef);
   const bool any_grad = prm.grad_student || prm.grad_teacher || grad_tau_rows;
-  // fkl's student gradient is q - p (U = -1) and rkl's teacher gradient p - q (W = -1): when
-  // nothing needs the other side's sum, the loss and the gradient share one sweep.
-  const bool one_sweep =
+  // fkl and rkl fold their loss into the exponential sweep, and their side sums are known from
+  // it: fkl U = -1, W = L + 1; rkl U = L + 1, W = -1. The others need a sweep for loss, U, W.
+  constexpr bool kPlainKL = D == Divergence::kFKL || D == Divergence::kRKL;
+  // fkl's student gradient is q - p and rkl's teacher gradient p - q: from the stored
+  // exponentials alone, when nothing else is wanted.
+  const bool difference_only =
       (D == Divergence::kFKL && !prm.grad_teacher && !grad_tau_rows) ||
       (D == Divergence::kRKL && !prm.grad_student && !grad_tau_rows);
 
@@ -71,23 +74,41 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
     const Acc shift_s = max_s * inv_tau;
     const Acc shift_t = max_t * inv_tau;
 
-    // sweep 2: exponentials (kept for the next sweeps) and their sums
-    Acc sum_s = 0, sum_t = 0;
-#pragma omp simd reduction(+ : sum_s, sum_t)
+    // sweep 2: exponentials (kept for the next sweeps), their sums, and for fkl / rkl the loss
+    // numerator sum e (x_teacher - x_student) on the shifted logits (exactly 0 for equal rows).
+    Acc sum_s = 0, sum_t = 0, cross = 0;
+#pragma omp simd reduction(+ : sum_s, sum_t, cross)
     for (int64_t k = 0; k < V; ++k) {
-      const Acc es = M::exp(load(s[k]) * inv_tau - shift_s);
-      const Acc et = M::exp(load(t[k]) * inv_tau - shift_t);
+      const Acc xs = load(s[k]) * inv_tau - shift_s;
+      const Acc xt = load(t[k]) * inv_tau - shift_t;
+      const Acc es = M::exp(xs);
+      const Acc et = M::exp(xt);
       ea[k] = es;
       eb[k] = et;
       sum_s += es;
       sum_t += et;
+      if constexpr (D == Divergence::kFKL) cross += xlogratio(et, xt, xs);
+      if constexpr (D == Divergence::kRKL) cross += xlogratio(es, xs, xt);
     }
-    const Acc lse_s = shift_s + std::log(sum_s);
-    const Acc lse_t = shift_t + std::log(sum_t);
+    const Acc log_sum_s = std::log(sum_s);
+    const Acc log_sum_t = std::log(sum_t);
+    const Acc lse_s = shift_s + log_sum_s;
+    const Acc lse_t = shift_t + log_sum_t;
     const Acc inv_sum_s = Acc(1) / sum_s;
     const Acc inv_sum_t = Acc(1) / sum_t;
     const Acc t2 = prm.t2_scale ? tau * tau : Acc(1);
     const Acc grad_scale = scale * t2 * inv_tau;
+
+    Acc loss = 0, side_s = 0, side_t = 0;
+    if constexpr (D == Divergence::kFKL) {
+      loss = cross * inv_sum_t - (log_sum_t - log_sum_s);
+      side_s = Acc(-1);
+      side_t = loss + Acc(1);
+    } else if constexpr (D == Divergence::kRKL) {
+      loss = cross * inv_sum_s - (log_sum_s - log_sum_t);
+      side_s = loss + Acc(1);
+      side_t = Acc(-1);
+    }
 
     auto terms_at = [&](int64_t k, Acc& q, Acc& p, Acc& lq, Acc& lp) {
       q = ea[k] * inv_sum_s;
@@ -97,34 +118,32 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
       return element_terms<D, Acc, M>(q, p, lq, lp, coef);
     };
 
-    Acc loss = 0;
-    if (one_sweep) {
-      // U = -1 (fkl) / W = -1 (rkl) exactly: gradient = q - p or p - q
-      In* g = D == Divergence::kFKL ? gs : gt;
-      const Acc sign = D == Divergence::kFKL ? Acc(1) : Acc(-1);
-#pragma omp simd reduction(+ : loss)
+    if (!kPlainKL) {
+      // sweep 3: the row loss and the side sums U, W
+#pragma omp simd reduction(+ : loss, side_s, side_t)
       for (int64_t k = 0; k < V; ++k) {
         Acc q, p, lq, lp;
         const ElementTerms<Acc> e = terms_at(k, q, p, lq, lp);
         loss += e.loss;
-        if (g) g[k] = store<In, Acc>(sign * (q - p) * grad_scale);
+        side_s += e.u;
+        side_t += e.v;
       }
-      loss_rows[r] = loss * t2;
-      continue;
-    }
-
-    // sweep 3: the row loss and the side sums U, W
-    Acc side_s = 0, side_t = 0;
-#pragma omp simd reduction(+ : loss, side_s, side_t)
-    for (int64_t k = 0; k < V; ++k) {
-      Acc q, p, lq, lp;
-      const ElementTerms<Acc> e = terms_at(k, q, p, lq, lp);
-      loss += e.loss;
-      side_s += e.u;
-      side_t += e.v;
     }
     loss_rows[r] = loss * t2;
     if (!any_grad) continue;
+
+    if (difference_only) {
+      In* g = D == Divergence::kFKL ? gs : gt;
+      const Acc inv_sum_g = D == Divergence::kFKL ? inv_sum_s : inv_sum_t;
+      const Acc inv_sum_o = D == Divergence::kFKL ? inv_sum_t : inv_sum_s;
+      const Acc* eg = D == Divergence::kFKL ? ea : eb;
+      const Acc* eo = D == Divergence::kFKL ? eb : ea;
+#pragma omp simd
+      for (int64_t k = 0; k < V; ++k) {
+        g[k] = store<In, Acc>((eg[k] * inv_sum_g - eo[k] * inv_sum_o) * grad_scale);
+      }
+      continue;
+    }
 
     // sweep 4: gradients, and sum_k dL/da_k lq_k + dL/db_k lp_k for the temperature
     Acc tau_sum = 0;

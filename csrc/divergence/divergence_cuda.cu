@@ -68,6 +68,11 @@ namespace {
 constexpr int kPlainMaxThreads = 512;
 constexpr int kPlainUnroll = 2;       // vectors of each input in flight per thread per step
 constexpr int kStagedMaxThreads = 256;
+// Register caps: the staged kernel's 64 KiB slices allow three blocks per SM (<= 85 registers);
+// two plain blocks of 512 threads need <= 64 (float64, for gradcheck, gets one).
+constexpr int kStagedMinBlocks = 3;
+template <typename In>
+constexpr int kPlainMinBlocks = std::is_same_v<In, double> ? 1 : 2;
 constexpr int kStagedMinThreads = 64;
 constexpr int64_t kStageTargetBytes = 64 * 1024;    // slices of both rows, per block
 constexpr int64_t kStageMaxBytes = 200 * 1024;      // hard ceiling (also bounded by the device)
@@ -412,7 +417,7 @@ struct ClusterReduce {
 
 // One block per row (grid-stride over rows); every sweep reads global memory.
 template <typename In>
-__global__ void __launch_bounds__(kPlainMaxThreads)
+__global__ void __launch_bounds__(kPlainMaxThreads, kPlainMinBlocks<In>)
     divergence_plain_kernel(const DivergenceParams prm) {
   using Acc = AccOf<In>;
   __shared__ Acc scratch[32 * 4];
@@ -435,7 +440,7 @@ __global__ void __launch_bounds__(kPlainMaxThreads)
 // A cluster of csize blocks per row (grid-stride over rows by clusters); block `rank` stages
 // vectors [rank * vpc, (rank + 1) * vpc) of both rows in dynamic shared memory.
 template <typename In>
-__global__ void __launch_bounds__(kStagedMaxThreads)
+__global__ void __launch_bounds__(kStagedMaxThreads, kStagedMinBlocks)
     divergence_staged_kernel(const DivergenceParams prm, int32_t csize, int32_t vpc) {
   using Acc = AccOf<In>;
   constexpr int kVec = Storage<In>::kVec;

@@ -147,6 +147,10 @@ def _setup_context(ctx, inputs, output):
     student, teacher, temperature = inputs[:3]
     reduction = inputs[8]
     _, grad_student, grad_teacher, grad_temperature = output
+    # The gradient outputs are buffers, not results to differentiate: without this autograd
+    # would materialize a zero [N, V] grad_output for each of them in backward.
+    ctx.mark_non_differentiable(grad_student, grad_teacher, grad_temperature)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_student, grad_teacher, grad_temperature)
     ctx.per_row = reduction == "none"
     ctx.temperature_is_scalar = temperature.dim() == 0
