@@ -347,7 +347,7 @@ __device__ __forceinline__ void cluster_wait() {
 #endif
 }
 
-constexpr int kMaxCluster = 8;
+constexpr int kMaxCluster = 16;  // 16 is a non-portable size (sm_90 accepts it per kernel)
 
 // Cluster all-reduce of a value every thread of each block already holds (after block_allreduce).
 // Push model: block `rank` writes its K values into slot [rank] of `exchange` (kMaxCluster x 4

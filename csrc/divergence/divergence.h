@@ -27,10 +27,11 @@ struct ElementTerms {
   T v;  // p * dL/dp
 };
 
-// x * (lx - ly) with 0 * log 0 = 0; an x > 0 against ly = -inf stays +inf (a truly infinite term).
+// x * (lx - ly) with 0 * log 0 = 0; an x > 0 against ly = -inf stays +inf (a truly infinite term)
+// and a NaN x stays NaN (the guard tests x == 0, not x > 0).
 template <typename T>
 KD_HOST_DEVICE T xlogratio(T x, T lx, T ly) {
-  return x > T(0) ? x * (lx - ly) : T(0);
+  return x == T(0) ? T(0) : x * (lx - ly);
 }
 
 // KL(x || lambda x + (1 - lambda) y) and its two sides (DistiLLM's skew KL).
@@ -38,7 +39,7 @@ KD_HOST_DEVICE T xlogratio(T x, T lx, T ly) {
 template <typename T, typename Math>
 KD_HOST_DEVICE ElementTerms<T> skew_terms(T x, T y, T lx, T lambda) {
   const T mix = lambda * x + (T(1) - lambda) * y;
-  const bool live = x > T(0);  // x == 0 contributes nothing to L nor to either derivative
+  const bool live = !(x == T(0));  // x == 0 adds nothing to L nor to its derivatives; NaN is live
   const T safe_mix = live ? mix : T(1);
   const T lmix = Math::log(safe_mix);
   const T ratio = x / safe_mix;
@@ -56,17 +57,17 @@ KD_HOST_DEVICE ElementTerms<T> element_terms(T q, T p, T lq, T lp, T coef) {
   if constexpr (D == Divergence::kFKL) {
     t.loss = xlogratio(p, lp, lq);
     t.u = -p;
-    t.v = p > T(0) ? p * (lp - lq + T(1)) : T(0);
+    t.v = p == T(0) ? T(0) : p * (lp - lq + T(1));
   } else if constexpr (D == Divergence::kRKL) {
     t.loss = xlogratio(q, lq, lp);
-    t.u = q > T(0) ? q * (lq - lp + T(1)) : T(0);
+    t.u = q == T(0) ? T(0) : q * (lq - lp + T(1));
     t.v = -q;
   } else if constexpr (D == Divergence::kJSD) {
     // m = beta p + (1 - beta) q; dL/dq = (1 - beta)(lq - lm), dL/dp = beta (lp - lm), and the row
     // loss is exactly U + W. Only called with 0 < beta < 1 (the endpoints dispatch to fkl / rkl).
     const T beta = coef;
     const T m = beta * p + (T(1) - beta) * q;
-    const T lm = Math::log(m > T(0) ? m : T(1));
+    const T lm = Math::log(m == T(0) ? T(1) : m);  // m == 0 only where q == p == 0: unused
     t.u = (T(1) - beta) * xlogratio(q, lq, lm);
     t.v = beta * xlogratio(p, lp, lm);
     t.loss = t.u + t.v;

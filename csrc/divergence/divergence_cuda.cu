@@ -19,17 +19,18 @@
 // (each kernel holds the six divergence variants of sweeps 2 and 3, nothing is templated on the
 // reduction or on which gradients are wanted):
 //
-// * staged (bf16, fp16, fp32): the row is split over a thread-block cluster of C = 1, 2, 4 or 8
-//   blocks (C > 1 on sm_90 only). Each block copies its slice of both rows into shared memory once
-//   (cp.async, 16 bytes per thread and copy) and every later sweep reads shared memory. Row
-//   statistics, loss, U, W and the temperature sum are combined block-wide (warp shuffles +
-//   shared memory) and then cluster-wide through distributed shared memory. C is the smallest
-//   that keeps a block's slices within kStageTargetBytes (64 KiB: three blocks per SM on
-//   H100/H200), else 8 up to the device limit; beyond that (or when the device cannot schedule
-//   such a cluster) the plain kernel runs.
+// * staged (bf16, fp16, fp32): the row is split over a thread-block cluster of C = 1, 2, 4, 8 or
+//   16 blocks (C > 1 on sm_90 only; 16 where the device schedules that non-portable size). Each
+//   block copies its slice of both rows into shared memory once (cp.async, 16 bytes per thread and
+//   copy) and every later sweep reads shared memory. Row statistics, loss, U, W and the
+//   temperature sum are combined block-wide (warp shuffles + shared memory) and then cluster-wide
+//   through distributed shared memory. C is the smallest that keeps a block's slices within
+//   kStageBytes (64 KiB: three blocks per SM on H100/H200, so one block's copies overlap another's
+//   arithmetic); rows longer than that (bf16 V > 262144 with C = 16), or devices that schedule no
+//   such cluster, get the plain kernel.
 //   DRAM bytes per element: read student + teacher once, write each requested gradient once.
 //   bf16 fkl with the student gradient: 2 + 2 + 2 = 6 B/element (V = 128256: C = 8, 62.6 KiB of
-//   slices per block).
+//   slices per block; fp32 V = 128256: C = 16, 12 B/element).
 // * plain (all dtypes; the only one for float64): one block per row streams the row from global
 //   memory in every sweep. DRAM bytes per element when the row does not stay in L2 between sweeps
 //   (large V): one-sweep case 2 x (s + t) + gradient = 4 + 4 + 2 = 10 B (bf16); general case
@@ -74,8 +75,8 @@ constexpr int kStagedMinBlocks = 3;
 template <typename In>
 constexpr int kPlainMinBlocks = std::is_same_v<In, double> ? 1 : 2;
 constexpr int kStagedMinThreads = 64;
-constexpr int64_t kStageTargetBytes = 64 * 1024;    // slices of both rows, per block
-constexpr int64_t kStageMaxBytes = 200 * 1024;      // hard ceiling (also bounded by the device)
+// Slices of both rows per block, at most: three blocks per SM on H100/H200 (228 KiB), two on A100.
+constexpr int64_t kStageBytes = 64 * 1024;
 constexpr int64_t kMaxVocab = std::numeric_limits<int32_t>::max() - 4096;
 
 // Exchange buffers, one per kind of reduction in a row (see cluster_allreduce).
@@ -503,12 +504,12 @@ bool clusters_disabled() {
 }
 
 struct StagedSupport {
-  int64_t max_dynamic_smem = 0;  // per block, what the kernel was set up for
-  int max_cluster = 1;           // 8 when the device runs 8-block clusters of this kernel
+  int max_cluster = 1;  // largest cluster (1, 8 or 16 blocks) the device schedules for this kernel
 };
 
-// Per device and dtype, once: raise the kernel's dynamic shared memory limit and find out whether
-// 8-block clusters of it can be scheduled (sm_90 code, device and occupancy allowing).
+// Per device and dtype, once: allow kStageBytes of dynamic shared memory and find the largest
+// cluster of such blocks the device can schedule (sm_90 code and device; 16 is a non-portable
+// size that H100/H200 accept; under MIG or on other parts the occupancy query decides).
 template <typename In>
 const StagedSupport& staged_support(int device) {
   static std::mutex mutex;
@@ -522,33 +523,40 @@ const StagedSupport& staged_support(int device) {
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   int major = 0;
-  int optin_smem = 0;
+  int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int64_t optin = optin_smem;
-  support.max_dynamic_smem = std::clamp<int64_t>(optin - static_cast<int64_t>(attr.sharedSizeBytes), 0, kStageMaxBytes);
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (static_cast<int64_t>(attr.sharedSizeBytes) + kStageBytes > optin) {
+    support.max_cluster = 0;  // the staged kernel does not fit this device at all
+    return cache.emplace(device, support).first->second;
+  }
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(support.max_dynamic_smem)));
-  // Prefer the largest shared-memory carveout: the occupancy of this kernel is set by it.
+                                      static_cast<int>(kStageBytes)));
+  // The largest shared-memory carveout: this kernel's occupancy is set by shared memory.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
+                                      static_cast<int>(cudaSharedmemCarveoutMaxShared)));
   if (major >= 9 && attr.ptxVersion >= 90) {
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(kMaxCluster);
-    config.blockDim = dim3(kStagedMaxThreads);
-    config.dynamicSmemBytes = static_cast<size_t>(support.max_dynamic_smem);
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = kMaxCluster;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
-      support.max_cluster = kMaxCluster;
-    } else {
-      (void)cudaGetLastError();  // not fatal: the plain kernel serves
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      (void)cudaGetLastError();
+    }
+    for (const int c : {kMaxCluster, 8}) {
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(c);
+      config.blockDim = dim3(kStagedMaxThreads);
+      config.dynamicSmemBytes = static_cast<size_t>(kStageBytes);
+      cudaLaunchAttribute attribute[1];
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = static_cast<unsigned>(c);
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = 1;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
+        support.max_cluster = c;
+        break;
+      }
+      (void)cudaGetLastError();  // not fatal: smaller clusters or the plain kernel serve
     }
   }
   return cache.emplace(device, support).first->second;
@@ -567,7 +575,8 @@ void launch_plain(const DivergenceParams& prm, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Returns false (nothing launched) when the row does not fit the staged kernel.
+// Launches the staged kernel with the smallest cluster whose blocks' slices fit kStageBytes;
+// returns false (nothing launched) when none does.
 template <typename In>
 bool launch_staged(const DivergenceParams& prm, int device, cudaStream_t stream) {
   constexpr int kVec = Storage<In>::kVec;
@@ -577,13 +586,10 @@ bool launch_staged(const DivergenceParams& prm, int device, cudaStream_t stream)
   const auto slice_bytes = [&](int64_t c) { return 2 * 16 * ((vectors + c - 1) / c); };
   int csize = 0;
   for (int c = 1; c <= support.max_cluster; c *= 2) {
-    if (slice_bytes(c) <= kStageTargetBytes) {
+    if (slice_bytes(c) <= kStageBytes) {
       csize = c;
       break;
     }
-  }
-  if (csize == 0 && slice_bytes(support.max_cluster) <= support.max_dynamic_smem) {
-    csize = support.max_cluster;
   }
   if (csize == 0) return false;
 

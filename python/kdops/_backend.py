@@ -57,11 +57,13 @@ def forced_backend() -> str | None:
     return _check_name(env) if env else None
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the compiled library registered `kdops::<op>` for a dispatch key (CPU, CUDA)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"kdops::{op}", dispatch_key)
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def triton_available() -> bool:
     try:
@@ -93,6 +95,7 @@ def available_backends(op: str, device: torch.device) -> list[str]:
     return found
 
 
+@torch.compiler.assume_constant_result
 def has_triton_op(op: str) -> bool:
     from . import kernels_registry
 

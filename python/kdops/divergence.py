@@ -123,8 +123,21 @@ def _kd_loss_op(backend: str):
     if backend == "triton":
         from .kernels_registry import triton_ops
 
-        return triton_ops()["kd_loss"]
+        op = triton_ops()["kd_loss"]
+        _register_triton_autograd(op)
+        return op
     return torch.ops.kdops.kd_loss.default  # cpu and cuda: the dispatcher picks by device
+
+
+_triton_registered: set = set()
+
+
+def _register_triton_autograd(op) -> None:
+    """The Triton op shares the C++ op's contract, so it shares its autograd formula (a
+    triton_op gets its fake kernel by tracing itself)."""
+    if op not in _triton_registered:
+        torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+        _triton_registered.add(op)
 
 
 # --- op registration: fake kernel and autograd (shared by the C++ and Triton ops) -------------
@@ -165,14 +178,22 @@ def _graph_is_kept() -> bool:
         return True
 
 
+def _tracing(tensor: torch.Tensor) -> bool:
+    """Inside torch.compile / AOT tracing: the backward becomes a graph, so nothing may be
+    mutated in place or read on the host (functionalization would reject it)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return (
+        torch.compiler.is_compiling()
+        or isinstance(tensor, (FakeTensor, FunctionalTensor))
+        or torch._is_functional_tensor(tensor)
+    )
+
+
 def _is_cpu_one(grad: torch.Tensor) -> bool:
     """grad_output is a CPU scalar equal to 1 (reading it costs nothing there; never on a GPU)."""
-    return (
-        grad.device.type == "cpu"
-        and grad.dim() == 0
-        and not torch.compiler.is_compiling()
-        and bool(grad == 1)
-    )
+    return grad.device.type == "cpu" and grad.dim() == 0 and bool(grad == 1)
 
 
 def _backward(ctx, grad_loss, _grad_s, _grad_t, _grad_tau):
@@ -187,8 +208,9 @@ def _backward(ctx, grad_loss, _grad_s, _grad_t, _grad_tau):
     if grad_loss is None:
         return (None,) * 13
     factor = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
-    in_place = not _graph_is_kept()
-    unit = _is_cpu_one(grad_loss)
+    traced = _tracing(grad_loss)
+    in_place = not traced and not _graph_is_kept()
+    unit = not traced and _is_cpu_one(grad_loss)
 
     def scaled(buffer):
         if unit:  # loss.backward() on the CPU: the buffer already is the gradient
