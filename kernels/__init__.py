@@ -3,4 +3,6 @@
 TRITON_OPS maps a kdops op name to the torch.library triton_op that runs it on CUDA tensors.
 """
 
-TRITON_OPS: dict = {}
+from .divergence import kd_loss_triton
+
+TRITON_OPS: dict = {"kd_loss": kd_loss_triton}

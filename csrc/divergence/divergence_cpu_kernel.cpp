@@ -92,8 +92,6 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
     }
     const Acc log_sum_s = std::log(sum_s);
     const Acc log_sum_t = std::log(sum_t);
-    const Acc lse_s = shift_s + log_sum_s;
-    const Acc lse_t = shift_t + log_sum_t;
     const Acc inv_sum_s = Acc(1) / sum_s;
     const Acc inv_sum_t = Acc(1) / sum_t;
     const Acc t2 = prm.t2_scale ? tau * tau : Acc(1);
@@ -113,8 +111,9 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
     auto terms_at = [&](int64_t k, Acc& q, Acc& p, Acc& lq, Acc& lp) {
       q = ea[k] * inv_sum_s;
       p = eb[k] * inv_sum_t;
-      lq = load(s[k]) * inv_tau - lse_s;
-      lp = load(t[k]) * inv_tau - lse_t;
+      // (x - max) - log sum, never x - lse: with large logits the latter loses the low bits
+      lq = (load(s[k]) * inv_tau - shift_s) - log_sum_s;
+      lp = (load(t[k]) * inv_tau - shift_t) - log_sum_t;
       return element_terms<D, Acc, M>(q, p, lq, lp, coef);
     };
 
