@@ -8,11 +8,15 @@
 #include <cmath>
 #include <cstdint>
 
+// Everything here sits in the innermost loops: force inlining, so that a loop never keeps a call
+// that would stop it from vectorizing once the kernels grow past the inliner's budget.
+#define KD_CPU_INLINE inline __attribute__((always_inline))
+
 namespace kdops::cpu {
 
 // a * b + c, fused where the build targets FMA hardware; the baseline build would otherwise call
 // libm's software fma in the hot loop.
-inline float fmadd(float a, float b, float c) {
+KD_CPU_INLINE float fmadd(float a, float b, float c) {
 #if defined(__FMA__) || defined(__aarch64__)
   return std::fma(a, b, c);
 #else
@@ -21,7 +25,7 @@ inline float fmadd(float a, float b, float c) {
 }
 
 // exp for x <= 88 (kernels only call it on x - rowmax <= 0); exp(-inf) = 0, NaN stays NaN.
-inline float exp_f32(float x) {
+KD_CPU_INLINE float exp_f32(float x) {
   constexpr float kMin = -87.33654475f;  // below this the result is under FLT_MIN: flush to 0
   constexpr float kMax = 88.0f;
   float xc = x < kMin ? kMin : x;  // written as selects so NaN falls through untouched
@@ -45,7 +49,7 @@ inline float exp_f32(float x) {
 
 // Natural log for x >= 0 (denormals included); log(0) = -inf, NaN stays NaN. Callers never pass
 // negative numbers or +inf (the arguments are probabilities).
-inline float log_f32(float x) {
+KD_CPU_INLINE float log_f32(float x) {
   constexpr float kMinNormal = 1.17549435e-38f;
   const bool tiny = x < kMinNormal;
   const float xs = tiny ? x * 8388608.0f : x;  // 2^23 lifts denormals into the normal range
@@ -81,14 +85,14 @@ struct Math;
 
 template <>
 struct Math<float> {
-  static float exp(float x) { return exp_f32(x); }
-  static float log(float x) { return log_f32(x); }
+  KD_CPU_INLINE static float exp(float x) { return exp_f32(x); }
+  KD_CPU_INLINE static float log(float x) { return log_f32(x); }
 };
 
 template <>
 struct Math<double> {
-  static double exp(double x) { return std::exp(x); }
-  static double log(double x) { return std::log(x); }
+  KD_CPU_INLINE static double exp(double x) { return std::exp(x); }
+  KD_CPU_INLINE static double log(double x) { return std::log(x); }
 };
 
 // Storage types. bf16 and fp16 are converted by hand (bit shifts, _Float16) so the conversion
@@ -97,21 +101,21 @@ struct BFloat16Bits {
   uint16_t bits;
 };
 
-inline float load(float x) { return x; }
-inline double load(double x) { return x; }
-inline float load(BFloat16Bits x) { return std::bit_cast<float>(static_cast<uint32_t>(x.bits) << 16); }
-inline float load(_Float16 x) { return static_cast<float>(x); }
+KD_CPU_INLINE float load(float x) { return x; }
+KD_CPU_INLINE double load(double x) { return x; }
+KD_CPU_INLINE float load(BFloat16Bits x) { return std::bit_cast<float>(static_cast<uint32_t>(x.bits) << 16); }
+KD_CPU_INLINE float load(_Float16 x) { return static_cast<float>(x); }
 
 template <typename Storage, typename Acc>
-inline Storage store(Acc x);
+KD_CPU_INLINE Storage store(Acc x);
 template <>
-inline float store<float, float>(float x) { return x; }
+KD_CPU_INLINE float store<float, float>(float x) { return x; }
 template <>
-inline double store<double, double>(double x) { return x; }
+KD_CPU_INLINE double store<double, double>(double x) { return x; }
 template <>
-inline _Float16 store<_Float16, float>(float x) { return static_cast<_Float16>(x); }
+KD_CPU_INLINE _Float16 store<_Float16, float>(float x) { return static_cast<_Float16>(x); }
 template <>
-inline BFloat16Bits store<BFloat16Bits, float>(float x) {
+KD_CPU_INLINE BFloat16Bits store<BFloat16Bits, float>(float x) {
   // round to nearest even; a NaN keeps a quiet-NaN pattern instead of rounding into inf
   const uint32_t bits = std::bit_cast<uint32_t>(x);
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;

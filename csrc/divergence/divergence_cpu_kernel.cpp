@@ -5,6 +5,7 @@
 // vectorizes them, and the only temporaries are two rows of exponentials per call.
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu_math.h"
@@ -108,7 +109,7 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
       side_t = Acc(-1);
     }
 
-    auto terms_at = [&](int64_t k, Acc& q, Acc& p, Acc& lq, Acc& lp) {
+    auto terms_at = [&](int64_t k, Acc& q, Acc& p, Acc& lq, Acc& lp) __attribute__((always_inline)) {
       q = ea[k] * inv_sum_s;
       p = eb[k] * inv_sum_t;
       // (x - max) - log sum, never x - lse: with large logits the latter loses the low bits
@@ -144,18 +145,27 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
       continue;
     }
 
-    // sweep 4: gradients, and sum_k dL/da_k lq_k + dL/db_k lp_k for the temperature
-    Acc tau_sum = 0;
+    // sweep 4: gradients, and sum_k dL/da_k lq_k + dL/db_k lp_k for the temperature. Which
+    // gradients are stored is a compile-time choice: a conditional store would keep the loop
+    // from vectorizing where the ISA has no masked stores (AVX2, SSE).
+    auto gradient_sweep = [&](auto store_student, auto store_teacher) {
+      Acc tau_sum = 0;
 #pragma omp simd reduction(+ : tau_sum)
-    for (int64_t k = 0; k < V; ++k) {
-      Acc q, p, lq, lp;
-      const ElementTerms<Acc> e = terms_at(k, q, p, lq, lp);
-      const Acc da = logit_grad(e.u, q, side_s);
-      const Acc db = logit_grad(e.v, p, side_t);
-      if (gs) gs[k] = store<In, Acc>(da * grad_scale);
-      if (gt) gt[k] = store<In, Acc>(db * grad_scale);
-      tau_sum += temperature_term(da, lq) + temperature_term(db, lp);
-    }
+      for (int64_t k = 0; k < V; ++k) {
+        Acc q, p, lq, lp;
+        const ElementTerms<Acc> e = terms_at(k, q, p, lq, lp);
+        const Acc da = logit_grad(e.u, q, side_s);
+        const Acc db = logit_grad(e.v, p, side_t);
+        if constexpr (decltype(store_student)::value) gs[k] = store<In, Acc>(da * grad_scale);
+        if constexpr (decltype(store_teacher)::value) gt[k] = store<In, Acc>(db * grad_scale);
+        tau_sum += temperature_term(da, lq) + temperature_term(db, lp);
+      }
+      return tau_sum;
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    const Acc tau_sum = gs ? (gt ? gradient_sweep(Yes{}, Yes{}) : gradient_sweep(Yes{}, No{}))
+                           : (gt ? gradient_sweep(No{}, Yes{}) : gradient_sweep(No{}, No{}));
     if (grad_tau_rows) {
       // d(t2 L)/dtau = t2' L + t2 dL/dtau with dL/dtau = -tau_sum / tau
       const Acc dloss_dtau = -tau_sum * inv_tau;
