@@ -3,8 +3,9 @@
 Nothing in here knows about a particular op family. A bench script:
 
 1. builds a list of *cases* (dicts, JSON-serialisable) and a list of provider names;
-2. in the parent process, calls :func:`run_worker` once per (provider, group of cases); the worker is
-   the same script re-invoked with ``--worker`` and prints one :func:`emit_result` line per case;
+2. in the parent process, calls :func:`run_worker` once per (provider, group of cases); the
+   worker is the same script re-invoked with ``--worker`` and prints one :func:`emit_result`
+   line per case;
 3. in the worker, uses :func:`time_fn` for timing and :class:`PeakMemory` for the peak memory of one
    call, so that every provider's memory is measured in a process of its own (allocator state,
    ``torch.compile`` caches and the high-water mark of one provider cannot leak into another's);
@@ -62,41 +63,49 @@ def time_fn(
     reps: int,
     warmup: int = 1,
     setup: Callable[[], Any] | None = None,
+    memory: "PeakMemory | None" = None,
 ) -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then ``reps`` times timed; return seconds per call.
 
     ``setup`` runs before every call (warm-up included) and is not timed, e.g. to drop ``.grad``.
+    ``memory``: a :class:`PeakMemory` entered around the first timed call (entered before the
+    clock starts and left after it stops, so its bookkeeping is not timed); this saves a separate
+    call just for the memory when a call takes seconds. The result of a call is dropped only
+    after the call is timed, so what it returns (a loss, and a ``.grad`` it fills) counts.
     CPU: ``time.perf_counter`` around the call (CPU ops are synchronous).
     CUDA: a pair of CUDA events around the call, with a device synchronize before each call (so
     the previous call and ``setup`` are done) and after it (so the elapsed time can be read).
     """
+    import contextlib
+
     for _ in range(warmup):
         if setup is not None:
             setup()
         fn()
     synchronize(device)
     times: list[float] = []
-    if device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if cuda:
         import torch
-
-        for _ in range(reps):
-            if setup is not None:
-                setup()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(reps):
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    for i in range(reps):
+        if setup is not None:
+            setup()
+        ctx = memory if (memory is not None and i == 0) else contextlib.nullcontext()
+        with ctx:
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                result = fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                result = fn()
+                times.append(time.perf_counter() - t0)
+        del result
     return times
 
 
@@ -127,6 +136,9 @@ def _proc_status_kb(field: str) -> int | None:
 def _reset_hwm() -> bool:
     # Writing "5" to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS
     # (Linux >= 4.0, documented in Documentation/filesystems/proc.rst).
+    # KDOPS_BENCH_NO_HWM_RESET=1 pretends it is not possible (to test the ru_maxrss fallback).
+    if os.environ.get("KDOPS_BENCH_NO_HWM_RESET"):
+        return False
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -287,10 +299,10 @@ def machine_info(device: str) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "device": device,
     }
-    try:
-        import triton
+    try:  # the version without importing triton (slow to import)
+        from importlib.metadata import version
 
-        info["triton"] = triton.__version__
+        info["triton"] = version("triton")
     except Exception:
         info["triton"] = None
     if device.startswith("cuda"):
@@ -300,6 +312,10 @@ def machine_info(device: str) -> dict[str, Any]:
         info["cuda_capability"] = f"{props.major}.{props.minor}"
     else:
         info["device_name"] = info["cpu_model"]
+    try:
+        info["loadavg_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
     try:
         mem_kb = _proc_status_kb("VmRSS")  # just to check /proc exists
         if mem_kb is not None:
@@ -369,10 +385,12 @@ def plot_bars(
     ylabel: str,
     title: str,
     hline: float | None = None,
+    log: bool = False,
     second: tuple[str, dict[str, Sequence[float | None]], float | None] | None = None,
 ) -> str | None:
     """Grouped bar chart (one group per case, one bar per provider) saved as PNG.
 
+    ``log`` puts the first panel on a log scale (for ratios such as speedups).
     ``second`` = (ylabel, series, hline) adds a second panel below with the same groups.
     Returns the path written, or None (with a message) when matplotlib is not installed.
     """
@@ -385,17 +403,19 @@ def plot_bars(
         print("matplotlib is not installed: no plot (pip install 'kdops[bench]' to get it)")
         return None
     panels = [(ylabel, series, hline)] + ([second] if second else [])
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.9 * len(groups) + 2), 3.6 * len(panels)),
-                             squeeze=False)
+    figsize = (max(6, 0.9 * len(groups) + 2), 3.6 * len(panels))
+    fig, axes = plt.subplots(len(panels), 1, figsize=figsize, squeeze=False)
     names = list(series)
     width = 0.8 / max(1, len(names))
-    for ax, (label, ser, line) in zip(axes[:, 0], panels):
+    for k, (ax, (label, ser, line)) in enumerate(zip(axes[:, 0], panels)):
         for i, name in enumerate(names):
             vals = [float("nan") if v is None else v for v in ser.get(name, [])]
             xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(vals))]
             ax.bar(xs, vals, width=width, label=name)
         if line is not None:
             ax.axhline(line, color="k", linestyle="--", linewidth=0.8)
+        if log and k == 0:
+            ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=7)

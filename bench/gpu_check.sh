@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every GPU claim of kdops in one command, for a lent H100/H200 (torch + CUDA from the machine's
+# own image, no network). Builds kdops against that torch for sm_90, runs the GPU-marked tests
+# (CUDA and Triton backends against the float64 reference, N*V above 2^31 once) and the Triton
+# test file on CUDA tensors, then the benchmark suite against torch eager, torch.compile and
+# Liger-Kernel (its wheel travels in .whl/). Results land under $OUT (JSON, logs, a markdown
+# table); the table is printed last. Budget: under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu_check_local}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
+status=0
+
+stage "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+
+stage "build kdops (sm_90) against the machine's torch"
+export CMAKE_BUILD_PARALLEL_LEVEL=16
+if ! python3 -m pip install -q --no-build-isolation --no-deps -e . \
+      -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+python3 -c "import kdops, torch; print('backends for cuda:', kdops.available_backends('kd_loss', torch.device('cuda')))"
+
+stage "GPU tests"
+python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" 2>&1 | tail -25 || status=1
+python3 -m pytest -q tests/test_divergence_triton.py -p no:cacheprovider --junitxml="$OUT/tests_triton_cuda.xml" 2>&1 | tail -15 || status=1
+
+stage "benchmarks"
+python3 bench/bench_divergence.py --device cuda --out "$OUT/divergence_cuda.json" --no-plot \
+  > "$OUT/bench_divergence.log" 2>&1 || { status=1; tail -30 "$OUT/bench_divergence.log"; }
+
+stage "done (status $status)"
+[ -f "$OUT/divergence_cuda.md" ] && cat "$OUT/divergence_cuda.md" || tail -40 "$OUT/bench_divergence.log"
+exit $status
