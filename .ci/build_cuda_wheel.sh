@@ -3,25 +3,33 @@
 # same environment and prove that it loads: the CUDA kernels are registered with the dispatcher and
 # the CPU op runs (no GPU needed).
 #
-# Usage: .ci/build_cuda_wheel.sh [outdir]
+# Usage: .ci/build_cuda_wheel.sh [outdir]          (default outdir: <repo>/.whl)
 # Environment:
 #   KDOPS_PYTHON       python of an environment with a CUDA torch, numpy, scikit-build-core, ninja,
-#                      cmake (default: <repo>/.venv-cuda/bin/python)
+#                      cmake (default: <repo>/.venv-cuda/bin/python, created with torch 2.14.1 if
+#                      missing, as CI's fresh clone needs)
 #   CUDA_ARCHS         CMAKE_CUDA_ARCHITECTURES (default: 90; "80;90" for both)
+#   CUDA_HOME          CUDA toolkit root (default: the first of /usr/local/cuda, /usr/local/cuda-*
+#                      with bin/nvcc)
 #   KDOPS_PTXAS_VERBOSE=1  add -Xptxas -v (registers, spills, shared memory per kernel) to the
-#                      CUDA flags; the report lands in <outdir>/build.log
+#                      CUDA flags; the report is printed and kept in <outdir>/build.log
 #   KDOPS_CLEAN=0      keep the previous build directory (incremental); default: clean build
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 outdir="${1:-$repo/.whl}"
-python="${KDOPS_PYTHON:-$repo/.venv-cuda/bin/python}"
 archs="${CUDA_ARCHS:-90}"
+python="${KDOPS_PYTHON:-$repo/.venv-cuda/bin/python}"
 
 if [[ ! -x "$python" ]]; then
-  echo "error: no python at $python; create the venv first:" >&2
-  echo "  python3 -m venv $repo/.venv-cuda && $repo/.venv-cuda/bin/pip install torch numpy scikit-build-core ninja cmake" >&2
-  exit 1
+  if [[ -n "${KDOPS_PYTHON:-}" ]]; then
+    echo "error: KDOPS_PYTHON=$python is not an executable python" >&2
+    exit 1
+  fi
+  echo "creating $repo/.venv-cuda (torch 2.14.1 with CUDA 13; a large download the first time)"
+  python3 -m venv "$repo/.venv-cuda"
+  "$repo/.venv-cuda/bin/python" -m pip install -q --upgrade pip
+  "$repo/.venv-cuda/bin/python" -m pip install -q torch==2.14.1 numpy scikit-build-core ninja cmake
 fi
 "$python" - <<'PY'
 import sys, torch
@@ -30,13 +38,22 @@ if not torch.version.cuda:
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
 PY
 
-if ! command -v nvcc >/dev/null 2>&1; then
-  for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
-    if [[ -x "$d/nvcc" ]]; then export PATH="$d:$PATH"; break; fi
+# The toolkit root. nvcc on PATH may be a wrapper script (/usr/local/bin/nvcc here), from which
+# torch's FindCUDA would guess the wrong root, so name the root explicitly.
+cuda_home="${CUDA_HOME:-}"
+if [[ -z "$cuda_home" ]]; then
+  for d in /usr/local/cuda /usr/local/cuda-*; do
+    if [[ -x "$d/bin/nvcc" ]]; then cuda_home="$d"; break; fi
   done
 fi
-nvcc --version | tail -n 1
-export CUDACXX="${CUDACXX:-$(command -v nvcc)}"
+if [[ -z "$cuda_home" || ! -x "$cuda_home/bin/nvcc" ]]; then
+  echo "error: no CUDA toolkit found (set CUDA_HOME to a directory with bin/nvcc)" >&2
+  exit 1
+fi
+cuda_home="$(cd "$cuda_home" && pwd -P)"
+export CUDA_HOME="$cuda_home" CUDA_PATH="$cuda_home" CUDACXX="$cuda_home/bin/nvcc"
+export PATH="$cuda_home/bin:$PATH"
+echo "CUDA toolkit: $cuda_home ($("$CUDACXX" --version | tail -n 1))"
 
 mkdir -p "$outdir"
 log="$outdir/build.log"
@@ -52,6 +69,8 @@ rm -f "$outdir"/kdops-*.whl
 
 cmake_args=(
   -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$archs"
+  -C "cmake.define.CMAKE_CUDA_COMPILER=$CUDACXX"
+  -C "cmake.define.CUDA_TOOLKIT_ROOT_DIR=$cuda_home"
   -C "build-dir=$build_dir"
   -C "build.verbose=true"
 )
@@ -62,7 +81,7 @@ fi
 echo "building for sm ${archs} (log: $log)"
 start=$(date +%s)
 cd "$repo"
-if ! "$python" -m pip wheel --no-build-isolation --no-deps -w "$outdir" "${cmake_args[@]}" . >"$log" 2>&1; then
+if ! "$python" -m pip wheel -v --no-build-isolation --no-deps -w "$outdir" "${cmake_args[@]}" . >"$log" 2>&1; then
   tail -n 60 "$log" >&2
   echo "error: build failed (full log: $log)" >&2
   exit 1

@@ -2,14 +2,14 @@
 // templates (e.g. divergence.h) call, storage traits for 16-byte vector access to fp32 / fp64 /
 // bf16 / fp16 rows, asynchronous global->shared copies, and warp / block / cluster reductions.
 //
-// Numerics. Everything is built with --use_fast_math, so `expf`/`logf` would become the MUFU
-// intrinsics anyway. exp uses the intrinsic (__expf: relative error about |x| * 2^-24, and the
-// kernels only take exp of x <= 0 where the result matters); log does NOT: JSD and the skew
-// divergences take differences such as log q - log m of nearby values, where __logf's 3-ulp
-// relative error of the logarithm itself would show, so log is the same Cephes-style polynomial
-// as the CPU build (csrc/common/cpu_math.h), written with device bit casts: about 1 ulp, FMA
-// pipe only. Under flush-to-zero subnormal arguments count as 0 (log = -inf); the kernels never
-// produce subnormal probabilities because every product that would is flushed first.
+// Numerics. Everything is built with --use_fast_math. The kernels' exponentials are base 2
+// (CudaMath::exp2 = MUFU.EX2: relative error about 2^-22 whatever the argument, no argument
+// scaling), with logits pre-multiplied by log2(e) / tau. log does NOT use the intrinsic: JSD and
+// the skew divergences take differences such as log q - log m of nearby values, where __logf's
+// 3-ulp relative error of the logarithm itself would show, so log is the same Cephes-style
+// polynomial as the CPU build (csrc/common/cpu_math.h), written with device bit casts: about
+// 1 ulp, FMA pipe only. Under flush-to-zero subnormal arguments count as 0 (log = -inf); the
+// kernels never produce subnormal probabilities because every product that would is flushed.
 #pragma once
 
 #include <cmath>
@@ -68,9 +68,9 @@ __device__ __forceinline__ float log_f32(float x) {
   return x != x ? x : result;                                 // NaN
 }
 
-// The Math policy of the shared per-element templates (divergence.h). Host versions exist only so
-// that the __host__ __device__ templates that name it stay well-formed; kernels use the device
-// branch.
+// The Math policy of the shared per-element templates (divergence.h), plus exp2/log2 for the
+// kernels' own base-2 sweeps. Host versions exist only so that the __host__ __device__ templates
+// that name the policy stay well-formed; kernels use the device branch.
 template <typename T>
 struct CudaMath;
 
@@ -90,40 +90,60 @@ struct CudaMath<float> {
     return std::log(x);
 #endif
   }
+  // 2^x, one MUFU.EX2: relative error about 2^-22 whatever x; 2^-inf = 0, results below 2^-126
+  // flush to 0, NaN stays NaN.
+  static KD_HOST_DEVICE float exp2(float x) {
+#if defined(__CUDA_ARCH__)
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return std::exp2(x);
+#endif
+  }
 };
 
 template <>
 struct CudaMath<double> {
   static KD_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static KD_HOST_DEVICE double log(double x) { return ::log(x); }
+  static KD_HOST_DEVICE double exp2(double x) { return ::exp2(x); }
 };
 
-// Online softmax statistics: (m, s) with s = sum exp(x - m) over the values seen, m their max.
-// -inf values contribute 0 (and never produce -inf - -inf); a NaN value makes s NaN while m stays
-// a number, so NaN reaches every output of the row; +inf makes the row NaN downstream (as
-// log_softmax does). Folds N values at once: one max over the N, then N independent exps.
+// z * c, rounded on its own (c = log2(e) / tau): the statistics sweep and the later sweeps must
+// see the same value, which they would not if the compiler fused the product into a later
+// subtraction in one place and not in the other (then a one-element row would not give
+// log q = 0 exactly).
+__device__ __forceinline__ float scale_logit(float z, float c) { return __fmul_rn(z, c); }
+__device__ __forceinline__ double scale_logit(double z, double c) { return __dmul_rn(z, c); }
+
+// Online softmax statistics in base 2: (m, s) with s = sum 2^(x - m) over the values x seen
+// (x = a log2(e), a = z / tau), m their max. -inf values contribute 0; a NaN value makes s NaN
+// (fmax ignores it, the sum does not), so NaN reaches every output of the row; +inf makes the
+// row NaN downstream (as log_softmax does). Folds N values at once: one max, then N independent
+// exp2 with the -inf guard paid once: while the max is -inf every value is -inf (or NaN), and
+// 2^(-inf - 0) = 0.
 template <int N, typename T, typename Math>
 __device__ __forceinline__ void stats_push(T& m, T& s, const T (&x)[N]) {
   T mx = x[0];
 #pragma unroll
-  for (int e = 1; e < N; ++e) mx = x[e] > mx ? x[e] : mx;
-  const T nm = mx > m ? mx : m;  // never NaN
-  T acc = m == neg_inf<T>() ? T(0) : s * Math::exp(m - nm);
+  for (int e = 1; e < N; ++e) mx = fmax(mx, x[e]);
+  const T nm = fmax(m, mx);
+  const T base = nm == neg_inf<T>() ? T(0) : nm;
+  T acc = s * Math::exp2(m - base);  // m = -inf: s = 0 and 2^-inf = 0
 #pragma unroll
-  for (int e = 0; e < N; ++e) acc += x[e] == neg_inf<T>() ? T(0) : Math::exp(x[e] - nm);
+  for (int e = 0; e < N; ++e) acc += Math::exp2(x[e] - base);
   m = nm;
   s = acc;
 }
 
-// Merges statistics (om, os) into (m, s). Symmetric in its two arguments bit for bit, so butterfly
-// reductions leave every lane with the same value.
+// Merges base-2 statistics (om, os) into (m, s).
 template <typename T, typename Math>
 __device__ __forceinline__ void stats_merge(T& m, T& s, T om, T os) {
-  const T nm = om > m ? om : m;
-  const T a = m == neg_inf<T>() ? T(0) : s * Math::exp(m - nm);
-  const T b = om == neg_inf<T>() ? T(0) : os * Math::exp(om - nm);
+  const T nm = fmax(m, om);
+  const T base = nm == neg_inf<T>() ? T(0) : nm;
+  s = s * Math::exp2(m - base) + os * Math::exp2(om - base);
   m = nm;
-  s = a + b;
 }
 
 // Combiners for the reductions below: a <- a (+) b.
@@ -282,8 +302,10 @@ __device__ __forceinline__ void cp_async_wait_all() {
 
 // ---------------------------------------------------------------------------------------------
 // Reductions. All are all-reduces (every participating thread ends with the result) and are
-// deterministic: the combination order is fixed, and with symmetric combiners every lane, warp
-// and cluster block ends with the bit-identical value.
+// deterministic: the combination order is fixed. Lanes of a warp may disagree in the last bit
+// after the butterfly (FMA contraction makes a combiner asymmetric), but block_allreduce folds the
+// lane-0 values in warp order in every thread and cluster_allreduce folds the published block
+// values in rank order in every warp, so all threads of a block (of a cluster) end bit-identical.
 // ---------------------------------------------------------------------------------------------
 
 template <int K, typename T, typename Op>
@@ -331,17 +353,28 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 #endif
 }
 
-__device__ __forceinline__ void cluster_arrive_relaxed() {
+// Cluster barrier that publishes this block's own shared-memory writes to the cluster: a release
+// fence restricted to shared::cta (MEMBAR.CTA class, not the GPU-wide membar that a plain
+// `barrier.cluster.arrive` (.release) costs, which would wait for every outstanding global store
+// of the gradient), a relaxed arrive, and the wait (acquire). Every thread of every block calls it;
+// the barriers are the non-.aligned forms, which do not assume a converged warp.
+__device__ __forceinline__ void cluster_sync_shared() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __cluster_barrier_arrive_relaxed();
+  asm volatile("fence.release.sync_restrict::shared::cta.cluster;\n" ::: "memory");
+  asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait;\n" ::: "memory");
 #else
   __trap();
 #endif
 }
 
-__device__ __forceinline__ void cluster_wait() {
+// Cluster barrier without any memory ordering, for the end of a kernel: no block may exit while
+// another can still read its shared memory. Readers have consumed every value they loaded (the
+// loads completed) before they arrive.
+__device__ __forceinline__ void cluster_sync_exit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __cluster_barrier_wait();
+  asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait;\n" ::: "memory");
 #else
   __trap();
 #endif
@@ -349,32 +382,40 @@ __device__ __forceinline__ void cluster_wait() {
 
 constexpr int kMaxCluster = 16;  // 16 is a non-portable size (sm_90 accepts it per kernel)
 
-// Cluster all-reduce of a value every thread of each block already holds (after block_allreduce).
-// Push model: block `rank` writes its K values into slot [rank] of `exchange` (kMaxCluster x 4
-// values) in every block of the cluster, one remote store per thread t < csize; a cluster barrier
-// (arrive has release, wait has acquire semantics) publishes them; each block then folds the
-// slots locally in rank order, so all blocks get bit-identical results. After the barrier no
-// block touches another's shared memory, so a block may exit after its last exchange. An
-// `exchange` buffer may be written again only after one more cluster barrier (the caller's job:
-// use a different buffer for consecutive exchanges).
+// Cluster all-reduce of a value that every thread of each block already holds (after
+// block_allreduce). Pull model: thread 0 writes the block's K values into its own `slot`
+// (4 values of this block's shared memory); cluster_sync_shared() publishes them; then in every
+// warp lane c < csize reads block c's slot through distributed shared memory and the warp folds
+// the csize values in rank order with shuffles, so all threads of all blocks get bit-identical
+// results without a further block barrier.
+// Reuse rules (the caller's job): a slot may be written again only after one more cluster barrier
+// (use a different slot for consecutive exchanges), and a block must not exit before a final
+// cluster_sync_exit() once the last exchange has been read.
 template <int K, typename T, typename Op>
-__device__ __forceinline__ void cluster_allreduce(T (&v)[K], T* exchange, uint32_t rank,
-                                                  uint32_t csize, Op op) {
+__device__ __forceinline__ void cluster_allreduce(T (&v)[K], T* slot, uint32_t csize, Op op) {
   static_assert(K <= 4, "cluster exchange slots hold 4 values");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x < csize) {
-    T* dst = static_cast<T*>(__cluster_map_shared_rank(exchange + rank * 4, threadIdx.x));
+  if (threadIdx.x == 0) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) dst[k] = v[k];
+    for (int k = 0; k < K; ++k) slot[k] = v[k];
   }
-  __cluster_barrier_arrive();
-  __cluster_barrier_wait();
+  cluster_sync_shared();
+  const uint32_t lane = threadIdx.x & 31u;
+  T mine[K];
+  if (lane < csize) {
+    const T* src = static_cast<const T*>(__cluster_map_shared_rank(slot, lane));
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = exchange[k];
+    for (int k = 0; k < K; ++k) mine[k] = src[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) mine[k] = T(0);
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = __shfl_sync(0xffffffffu, mine[k], 0);
   for (uint32_t c = 1; c < csize; ++c) {
     T other[K];
 #pragma unroll
-    for (int k = 0; k < K; ++k) other[k] = exchange[c * 4 + k];
+    for (int k = 0; k < K; ++k) other[k] = __shfl_sync(0xffffffffu, mine[k], static_cast<int>(c));
     op(v, other);
   }
 #else
