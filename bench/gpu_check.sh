@@ -3,7 +3,7 @@
 # own image, no network). Builds kdops against that torch for sm_90, runs the GPU-marked tests
 # (CUDA and Triton backends against the float64 reference, N*V above 2^31 once) and the Triton
 # test file on CUDA tensors, then the benchmark suite against torch eager, torch.compile and
-# Liger-Kernel (its wheel travels in .whl/). Results land under $OUT (JSON, logs, a markdown
+# Liger-Kernel (its wheel travels in .device_wheels/, carried). Results land under $OUT (JSON, logs, a markdown
 # table); the table is printed last. Budget: under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,8 @@ stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+if compgen -G ".device_wheels/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device_wheels/*.whl && export PYTHONPATH=/tmp/site
 fi
 
 stage "build kdops (sm_90) against the machine's torch"
@@ -31,12 +31,23 @@ fi
 python3 -c "import kdops, torch; print('backends for cuda:', kdops.available_backends('kd_loss', torch.device('cuda')))"
 
 stage "GPU tests"
-python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" 2>&1 | tail -25 || status=1
-python3 -m pytest -q tests/test_divergence_triton.py -p no:cacheprovider --junitxml="$OUT/tests_triton_cuda.xml" 2>&1 | tail -15 || status=1
+# -m gpu covers both files: cuda and triton against the reference for every divergence in fp32 and
+# bf16, N*V above 2^31, the 8192 x 128256 headline shape, torch.compile on CUDA.
+python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" \
+  > "$OUT/tests_gpu.log" 2>&1 || status=1
+tail -25 "$OUT/tests_gpu.log"
+# the same CUDA tests on the plain one-block-per-row kernel (the flag is read once per process)
+KDOPS_CUDA_NO_CLUSTER=1 python3 -m pytest -q -m gpu tests -k cuda -p no:cacheprovider \
+  > "$OUT/tests_gpu_nocluster.log" 2>&1 || status=1
+tail -3 "$OUT/tests_gpu_nocluster.log"
 
 stage "benchmarks"
 python3 bench/bench_divergence.py --device cuda --out "$OUT/divergence_cuda.json" --no-plot \
   > "$OUT/bench_divergence.log" 2>&1 || { status=1; tail -30 "$OUT/bench_divergence.log"; }
+
+KDOPS_CUDA_NO_CLUSTER=1 python3 bench/bench_divergence.py --device cuda --providers kdops:cuda \
+  --shapes 8192x128256:bf16 --divergences fkl,jsd --out "$OUT/divergence_cuda_nocluster.json" --no-plot \
+  > "$OUT/bench_nocluster.log" 2>&1 || status=1
 
 stage "done (status $status)"
 [ -f "$OUT/divergence_cuda.md" ] && cat "$OUT/divergence_cuda.md" || tail -40 "$OUT/bench_divergence.log"
