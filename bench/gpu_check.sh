@@ -7,7 +7,10 @@
 # table); the table is printed last. Budget: under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Everything is written to $RES; at the end it is packed into one archive under $OUT (the device
+# tool returns at most 8 files) beside copies of the JSON results and the markdown table.
 OUT=${OUT:-bench/results/gpu_check_local}
+RES=$(mktemp -d /tmp/kdops_gpu_check.XXXX)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -15,8 +18,8 @@ stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 status=0
 
 stage "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$RES/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$RES/gpu.txt"
 
 if compgen -G ".device_wheels/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device_wheels/*.whl && export PYTHONPATH=/tmp/site
@@ -25,30 +28,33 @@ fi
 stage "build kdops (sm_90) against the machine's torch"
 export CMAKE_BUILD_PARALLEL_LEVEL=16
 if ! python3 -m pip install -q --no-build-isolation --no-deps -e . \
-      -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+      -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 > "$RES/build.log" 2>&1; then
+  tail -60 "$RES/build.log"; echo "BUILD FAILED"; cp "$RES/build.log" "$OUT/"; exit 1
 fi
 python3 -c "import kdops, torch; print('backends for cuda:', kdops.available_backends('kd_loss', torch.device('cuda')))"
 
 stage "GPU tests"
 # -m gpu covers both files: cuda and triton against the reference for every divergence in fp32 and
 # bf16, N*V above 2^31, the 8192 x 128256 headline shape, torch.compile on CUDA.
-python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" \
-  > "$OUT/tests_gpu.log" 2>&1 || status=1
-tail -25 "$OUT/tests_gpu.log"
+python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$RES/tests_gpu.xml" \
+  > "$RES/tests_gpu.log" 2>&1 || status=1
+tail -25 "$RES/tests_gpu.log"
 # the same CUDA tests on the plain one-block-per-row kernel (the flag is read once per process)
 KDOPS_CUDA_NO_CLUSTER=1 python3 -m pytest -q -m gpu tests -k cuda -p no:cacheprovider \
-  > "$OUT/tests_gpu_nocluster.log" 2>&1 || status=1
-tail -3 "$OUT/tests_gpu_nocluster.log"
+  > "$RES/tests_gpu_nocluster.log" 2>&1 || status=1
+tail -3 "$RES/tests_gpu_nocluster.log"
 
 stage "benchmarks"
-python3 bench/bench_divergence.py --device cuda --out "$OUT/divergence_cuda.json" --no-plot \
-  > "$OUT/bench_divergence.log" 2>&1 || { status=1; tail -30 "$OUT/bench_divergence.log"; }
+python3 bench/bench_divergence.py --device cuda --out "$RES/divergence_cuda.json" --no-plot \
+  > "$RES/bench_divergence.log" 2>&1 || { status=1; tail -30 "$RES/bench_divergence.log"; }
 
 KDOPS_CUDA_NO_CLUSTER=1 python3 bench/bench_divergence.py --device cuda --providers kdops:cuda \
-  --shapes 8192x128256:bf16 --divergences fkl,jsd --out "$OUT/divergence_cuda_nocluster.json" --no-plot \
-  > "$OUT/bench_nocluster.log" 2>&1 || status=1
+  --shapes 8192x128256:bf16 --divergences fkl,jsd --out "$RES/divergence_cuda_nocluster.json" --no-plot \
+  > "$RES/bench_nocluster.log" 2>&1 || status=1
 
 stage "done (status $status)"
-[ -f "$OUT/divergence_cuda.md" ] && cat "$OUT/divergence_cuda.md" || tail -40 "$OUT/bench_divergence.log"
+tar czf "$OUT/gpu_check.tar.gz" -C "$RES" .
+cp "$RES"/divergence_cuda*.json "$RES"/divergence_cuda*.md "$OUT"/ 2>/dev/null
+cat "$RES/divergence_cuda_nocluster.md" 2>/dev/null | tail -8
+[ -f "$RES/divergence_cuda.md" ] && cat "$RES/divergence_cuda.md" || tail -40 "$RES/bench_divergence.log"
 exit $status
