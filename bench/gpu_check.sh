@@ -26,6 +26,14 @@ if compgen -G ".device_wheels/*.whl" > /dev/null; then
 fi
 
 stage "build kdops (sm_90) against the machine's torch"
+# Name the toolkit root: an nvcc on PATH may be a wrapper from which CMake guesses a wrong root.
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda /usr/local/cuda-* "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+    if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME="$d"; break; fi
+  done
+fi
+export CUDACXX="$CUDA_HOME/bin/nvcc" PATH="$CUDA_HOME/bin:$PATH"
+echo "CUDA_HOME=$CUDA_HOME ($("$CUDACXX" --version | tail -1))"
 export CMAKE_BUILD_PARALLEL_LEVEL=16
 if ! python3 -m pip install -q --no-build-isolation --no-deps -e . \
       -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 > "$RES/build.log" 2>&1; then
