@@ -9,8 +9,13 @@ Nothing in here knows about a particular op family. A bench script:
 3. in the worker, uses :func:`time_fn` for timing and :class:`PeakMemory` for the peak memory of one
    call, so that every provider's memory is measured in a process of its own (allocator state,
    ``torch.compile`` caches and the high-water mark of one provider cannot leak into another's);
-4. prints the collected rows with :func:`format_table`, writes them with :func:`write_json` (plus
-   :func:`machine_info`) and optionally draws them with :func:`plot_bars`.
+4. prints the collected rows with :func:`format_table` or :func:`format_markdown_table`, writes
+   them with :func:`write_json` (plus :func:`machine_info`) and optionally draws them with
+   :func:`plot_bars`.
+
+Ceilings: :func:`copy_bandwidth` times a device-to-device copy (bytes = read + write), the practical
+bandwidth a streaming kernel can reach on the device; a script can report each result's least
+traffic over its time as a fraction of it.
 
 Memory convention (same on every device): a case's inputs are allocated first, then
 ``extra = peak - baseline`` is measured around one call, and the reported peak is
@@ -257,7 +262,7 @@ def run_worker(
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = f"timed out after {timeout} s"
+        err = f"timed out after {timeout:.0f} s"
         rc = None
     records = []
     for line in out.splitlines():
@@ -342,14 +347,28 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _sig3(x: float) -> str:
+    """Three significant digits without an exponent: 1.23, 12.3, 123, 1234."""
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
 def fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     if seconds >= 1:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} us"
+        return f"{_sig3(seconds * 1e3)} ms"
+    return f"{_sig3(seconds * 1e6)} us"
+
+
+def fmt_bandwidth(bytes_per_s: float | None) -> str:
+    """Bytes per second in decimal units (GB/s = 1e9 B/s, as memory bandwidth is quoted)."""
+    if bytes_per_s is None:
+        return "-"
+    if bytes_per_s >= 1e12:
+        return f"{bytes_per_s / 1e12:.2f} TB/s"
+    return f"{_sig3(bytes_per_s / 1e9)} GB/s"
 
 
 def fmt_ratio(x: float | None, digits: int = 2) -> str:
@@ -375,6 +394,72 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def _numeric(cell: str) -> bool:
     return bool(cell) and (cell[0].isdigit() or cell == "-")
+
+
+def format_markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+                          align: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table, padded so that it also reads as a plain table in a terminal.
+
+    ``align``: "l" or "r" per column; by default a column is right-aligned when every non-empty
+    cell in it (after the first column) starts with a digit or is "-". ``|`` in a cell is escaped.
+    """
+    rows = [[("-" if c is None else str(c)).replace("|", "\\|") for c in r] for r in rows]
+    headers = [str(h).replace("|", "\\|") for h in headers]
+    ncol = len(headers)
+    rows = [(r + [""] * ncol)[:ncol] for r in rows]
+    widths = [max(3, len(h)) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+    if align is not None:
+        right = [(align[i] if i < len(align) else "l") == "r" for i in range(ncol)]
+    else:
+        right = [i >= 1 and any(r[i] for r in rows) and all(_numeric(r[i]) for r in rows if r[i])
+                 for i in range(ncol)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if ra else c.ljust(w)
+                                 for c, w, ra in zip(cells, widths, right)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if ra else ("-" * (w + 2))
+                          for w, ra in zip(widths, right)) + "|"
+    return "\n".join([line(headers), rule] + [line(r) for r in rows])
+
+
+# --------------------------------------------------------------------------------------------------
+# Ceilings
+
+
+def copy_bandwidth(device: str, nbytes: int, *, reps: int = 10, warmup: int = 3) -> dict[str, Any]:
+    """Memory bandwidth of a plain copy ``dst.copy_(src)`` of two ``nbytes`` bf16 buffers.
+
+    The bytes moved per copy are counted as read + write (``2 * nbytes``); the bandwidth is
+    that over the median time (CUDA: CUDA events, see :func:`time_fn`). It is the practical
+    ceiling of a kernel that streams its inputs once and writes its output once, measured on the
+    same device in the same run; it is not the datasheet peak. Use buffers well above the last
+    level cache (GiBs on a GPU) so that the copy runs from DRAM.
+    """
+    import torch
+
+    n = max(1, nbytes // 2)
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    src.fill_(1.0)  # touch every page (CPU) and give the copy real data
+    dst = torch.empty_like(src)
+    synchronize(device)
+    times = time_fn(lambda: dst.copy_(src), device=device, reps=max(1, reps), warmup=warmup)
+    moved = 2 * src.nbytes
+    med = statistics.median(times)
+    return {
+        "method": "dst.copy_(src), bfloat16, bytes = read + write, median over reps",
+        "buffer_bytes": src.nbytes,
+        "bytes_per_copy": moved,
+        "times_s": times,
+        "median_s": med,
+        "min_s": min(times),
+        "reps": len(times),
+        "warmup": warmup,
+        "bandwidth_Bps": moved / med,
+        "best_bandwidth_Bps": moved / min(times),
+    }
 
 
 def plot_bars(
