@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU claim of kdops in one command, for a lent H100/H200 (torch + CUDA from the machine's
 # own image, no network). Builds kdops against that torch for sm_90, runs the GPU-marked tests
-# (CUDA and Triton backends against the float64 reference, N*V above 2^31 once) and the Triton
-# test file on CUDA tensors, then the benchmark suite against torch eager, torch.compile and
-# Liger-Kernel (its wheel travels in .device_wheels/, carried). Results land under $OUT (JSON, logs, a markdown
-# table); the table is printed last. Budget: under 8 minutes.
+# (CUDA and Triton backends against the float64 reference, N*V above 2^31 once, the CUDA tests
+# again on the plain kernel), then the benchmark suite against torch eager, torch.compile and
+# Liger-Kernel (its wheel travels in .device_wheels/, carried). Each stage has its own time limit
+# so that a slow stage cannot eat the others: about 8 minutes at most in all.
+#
+# Everything is written to $RES; on exit it is packed into one archive under $OUT (the device tool
+# returns at most 8 files) beside copies of the JSON results and the markdown tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# Everything is written to $RES; at the end it is packed into one archive under $OUT (the device
-# tool returns at most 8 files) beside copies of the JSON results and the markdown table.
 OUT=${OUT:-bench/results/gpu_check_local}
 RES=$(mktemp -d /tmp/kdops_gpu_check.XXXX)
 mkdir -p "$OUT"
@@ -17,10 +18,18 @@ t0=$(date +%s)
 stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 status=0
 
+finish() {
+  stage "done (status $status)"
+  tar czf "$OUT/gpu_check.tar.gz" -C "$RES" .
+  cp "$RES"/divergence_cuda*.json "$RES"/divergence_cuda*.md "$OUT"/ 2>/dev/null
+  tail -6 "$RES/divergence_cuda_nocluster.md" 2>/dev/null
+  [ -f "$RES/divergence_cuda.md" ] && cat "$RES/divergence_cuda.md" || tail -30 "$RES/bench_divergence.log" 2>/dev/null
+}
+trap finish EXIT
+
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$RES/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$RES/gpu.txt"
-
 if compgen -G ".device_wheels/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device_wheels/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -32,37 +41,28 @@ if [ -z "${CUDA_HOME:-}" ]; then
     if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME="$d"; break; fi
   done
 fi
-export CUDACXX="$CUDA_HOME/bin/nvcc" PATH="$CUDA_HOME/bin:$PATH"
+export CUDACXX="$CUDA_HOME/bin/nvcc" PATH="$CUDA_HOME/bin:$PATH" CMAKE_BUILD_PARALLEL_LEVEL=16
 echo "CUDA_HOME=$CUDA_HOME ($("$CUDACXX" --version | tail -1))"
-export CMAKE_BUILD_PARALLEL_LEVEL=16
-if ! python3 -m pip install -q --no-build-isolation --no-deps -e . \
+if ! timeout 240 python3 -m pip install -q --no-build-isolation --no-deps -e . \
       -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 > "$RES/build.log" 2>&1; then
-  tail -60 "$RES/build.log"; echo "BUILD FAILED"; cp "$RES/build.log" "$OUT/"; exit 1
+  tail -60 "$RES/build.log"; echo "BUILD FAILED"; status=1; exit 1
 fi
 python3 -c "import kdops, torch; print('backends for cuda:', kdops.available_backends('kd_loss', torch.device('cuda')))"
 
 stage "GPU tests"
-# -m gpu covers both files: cuda and triton against the reference for every divergence in fp32 and
-# bf16, N*V above 2^31, the 8192 x 128256 headline shape, torch.compile on CUDA.
-python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$RES/tests_gpu.xml" \
+# -m gpu covers both test files: cuda and triton against the reference for every divergence in
+# fp32 and bf16, N*V above 2^31, the 8192 x 128256 headline shape, torch.compile on CUDA.
+timeout 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$RES/tests_gpu.xml" \
   > "$RES/tests_gpu.log" 2>&1 || status=1
-tail -25 "$RES/tests_gpu.log"
-# the same CUDA tests on the plain one-block-per-row kernel (the flag is read once per process)
-KDOPS_CUDA_NO_CLUSTER=1 python3 -m pytest -q -m gpu tests -k cuda -p no:cacheprovider \
-  > "$RES/tests_gpu_nocluster.log" 2>&1 || status=1
+tail -15 "$RES/tests_gpu.log"
+# the CUDA tests again on the plain one-block-per-row kernel (the flag is read once per process)
+KDOPS_CUDA_NO_CLUSTER=1 timeout 60 python3 -m pytest -q -m gpu tests -k "cuda and not compile" \
+  -p no:cacheprovider > "$RES/tests_gpu_nocluster.log" 2>&1 || status=1
 tail -3 "$RES/tests_gpu_nocluster.log"
 
 stage "benchmarks"
-python3 bench/bench_divergence.py --device cuda --out "$RES/divergence_cuda.json" --no-plot \
-  > "$RES/bench_divergence.log" 2>&1 || { status=1; tail -30 "$RES/bench_divergence.log"; }
-
-KDOPS_CUDA_NO_CLUSTER=1 python3 bench/bench_divergence.py --device cuda --providers kdops:cuda \
-  --shapes 8192x128256:bf16 --divergences fkl,jsd --out "$RES/divergence_cuda_nocluster.json" --no-plot \
-  > "$RES/bench_nocluster.log" 2>&1 || status=1
-
-stage "done (status $status)"
-tar czf "$OUT/gpu_check.tar.gz" -C "$RES" .
-cp "$RES"/divergence_cuda*.json "$RES"/divergence_cuda*.md "$OUT"/ 2>/dev/null
-cat "$RES/divergence_cuda_nocluster.md" 2>/dev/null | tail -8
-[ -f "$RES/divergence_cuda.md" ] && cat "$RES/divergence_cuda.md" || tail -40 "$RES/bench_divergence.log"
-exit $status
+timeout 230 python3 bench/bench_divergence.py --device cuda --deadline 200 --no-plot \
+  --out "$RES/divergence_cuda.json" > "$RES/bench_divergence.log" 2>&1 || status=1
+KDOPS_CUDA_NO_CLUSTER=1 timeout 60 python3 bench/bench_divergence.py --device cuda --providers kdops:cuda \
+  --shapes 8192x128256:bf16 --divergences fkl,jsd --no-plot \
+  --out "$RES/divergence_cuda_nocluster.json" > "$RES/bench_nocluster.log" 2>&1 || status=1
