@@ -43,7 +43,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 export CUDACXX="$CUDA_HOME/bin/nvcc" PATH="$CUDA_HOME/bin:$PATH" CMAKE_BUILD_PARALLEL_LEVEL=16
 echo "CUDA_HOME=$CUDA_HOME ($("$CUDACXX" --version | tail -1))"
-if ! timeout 240 python3 -m pip install -q --no-build-isolation --no-deps -e . \
+if ! timeout 200 python3 -m pip install -q --no-build-isolation --no-deps -e . \
       -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 > "$RES/build.log" 2>&1; then
   tail -60 "$RES/build.log"; echo "BUILD FAILED"; status=1; exit 1
 fi
@@ -52,17 +52,17 @@ python3 -c "import kdops, torch; print('backends for cuda:', kdops.available_bac
 stage "GPU tests"
 # -m gpu covers both test files: cuda and triton against the reference for every divergence in
 # fp32 and bf16, N*V above 2^31, the 8192 x 128256 headline shape, torch.compile on CUDA.
-timeout 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$RES/tests_gpu.xml" \
+timeout 130 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$RES/tests_gpu.xml" \
   > "$RES/tests_gpu.log" 2>&1 || status=1
 tail -15 "$RES/tests_gpu.log"
 # the CUDA tests again on the plain one-block-per-row kernel (the flag is read once per process)
-KDOPS_CUDA_NO_CLUSTER=1 timeout 60 python3 -m pytest -q -m gpu tests -k "cuda and not compile" \
+KDOPS_CUDA_NO_CLUSTER=1 timeout 50 python3 -m pytest -q -m gpu tests -k "cuda and not compile" \
   -p no:cacheprovider > "$RES/tests_gpu_nocluster.log" 2>&1 || status=1
 tail -3 "$RES/tests_gpu_nocluster.log"
 
 stage "benchmarks"
-timeout 230 python3 bench/bench_divergence.py --device cuda --deadline 200 --no-plot \
+timeout 180 python3 bench/bench_divergence.py --device cuda --deadline 150 --no-plot \
   --out "$RES/divergence_cuda.json" > "$RES/bench_divergence.log" 2>&1 || status=1
-KDOPS_CUDA_NO_CLUSTER=1 timeout 60 python3 bench/bench_divergence.py --device cuda --providers kdops:cuda \
+KDOPS_CUDA_NO_CLUSTER=1 timeout 45 python3 bench/bench_divergence.py --device cuda --providers kdops:cuda \
   --shapes 8192x128256:bf16 --divergences fkl,jsd --no-plot \
   --out "$RES/divergence_cuda_nocluster.json" > "$RES/bench_nocluster.log" 2>&1 || status=1
