@@ -553,12 +553,10 @@ def kd_loss_triton(
     g_tau = torch.empty((rows,) if grad_temperature else (0,), dtype=acc, device=device)
 
     if rows > 0 and not _shape_only(student):
-        # without a mask the kernel never reads valid_ptr: any uint8 pointer will do (a view of
-        # the read-only scale, so that no output is aliased)
-        if valid is not None:
-            valid_arg = valid.contiguous().view(torch.uint8)
-        else:
-            valid_arg = scale.reshape(1).view(torch.uint8)
+        # without a mask the kernel never reads valid_ptr: any pointer will do (the read-only
+        # scale, so that no output is aliased). The bool mask goes in as is: a dtype view of it
+        # would not lower under torch.compile (inductor has no bitcast for bool).
+        valid_arg = valid.contiguous() if valid is not None else scale
         common = dict(
             DIV=div_id, GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher),
             GRAD_TAU=bool(grad_temperature),

@@ -643,3 +643,25 @@ def test_gpu_torch_compile():
     compiled = run(torch.compile(f, fullgraph=True))
     for a, b, what in zip(eager, compiled, ("loss", "student grad", "temperature grad")):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# backward's device-side scaling of the fused gradient (kernels/scale.py)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_rows_unless_one(dtype):
+    from kdops.kernels.scale import scale_rows_unless_one_
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 4099, generator=g).to(device=DEVICE, dtype=dtype)  # ragged last block
+    x = base.clone()
+    scale_rows_unless_one_(x, torch.tensor(1.0, device=DEVICE))
+    assert torch.equal(x, base)  # factor 1: untouched, bit for bit
+    scale_rows_unless_one_(x, torch.tensor(-0.5, device=DEVICE))
+    torch.testing.assert_close(x, (base.float() * -0.5).to(dtype), rtol=0, atol=0)
+    per_row = torch.tensor([1.0, 2.0, 1.0, -3.0, 0.0], device=DEVICE)
+    x = base.clone()
+    scale_rows_unless_one_(x, per_row)
+    torch.testing.assert_close(x, (base.float() * per_row[:, None]).to(dtype), rtol=0, atol=0)

@@ -215,7 +215,14 @@ def _backward(ctx, grad_loss, _grad_s, _grad_t, _grad_tau):
     def scaled(buffer):
         if unit:  # loss.backward() on the CPU: the buffer already is the gradient
             return buffer
-        return buffer.mul_(factor) if in_place else buffer * factor
+        if not in_place:
+            return buffer * factor
+        if buffer.is_cuda and _backend.triton_available():
+            # skips rows whose factor is 1 on the device: no host sync, no pass over the buffer
+            from .kernels.scale import scale_rows_unless_one_
+
+            return scale_rows_unless_one_(buffer, grad_loss)
+        return buffer.mul_(factor)
 
     d_student = scaled(grad_student) if ctx.needs_input_grad[0] else None
     d_teacher = scaled(grad_teacher) if ctx.needs_input_grad[1] else None
