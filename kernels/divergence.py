@@ -60,11 +60,11 @@ _REDUCTIONS = ("mean", "sum", "none")
 SINGLE_MAX_V = 8192  # largest padded row kept in registers for all sweeps
 ROW_TILE = 4096  # elements per program when several short rows share one
 MAX_ROWS = 256  # rows per program at most (tiny V: per-row values are replicated per thread)
-# (tile width, warps) when a row needs several tiles; 8 elements per thread per tile (one 16-byte
-# bf16 load per input). fkl / rkl keep few values alive: 8192-wide tiles with 32 warps fit 64
-# registers (one program of 1024 threads per SM, the fewest rows in flight, the best L2 reuse of
-# the row between sweeps); the other divergences need up to ~95 registers: 4096 / 16 warps.
-MULTI_TILE = {"kl": (8192, 32), "other": (4096, 16)}
+# (tile width, warps) when a row needs several tiles. From KDOPS_TRITON_AUTOTUNE on an H200
+# (bench/results/h200/profile_run2.txt, 8192 x 128256 bf16): fkl/rkl 4096 / 8 warps (op with the
+# student gradient 3.34 ms against 4.25 for 8192 / 32), the others 2048 / 8 (jsd 7.56 ms against
+# 9.24 for 4096 / 16): narrow tiles and several programs per SM beat one wide program.
+MULTI_TILE = {"kl": (4096, 8), "other": (2048, 8)}
 AUTOTUNE_ENV = "KDOPS_TRITON_AUTOTUNE"  # "1": autotune the multi-tile launch (GPU runs only)
 
 
