@@ -2,9 +2,10 @@
 
 Backends: "cpu" (C++), "cuda" (CUDA C++), "triton", "reference" (float64 PyTorch). By default the
 tensor's device picks: CPU tensors run the C++ kernels, CUDA tensors the faster of "cuda" and
-"triton" for that op (measured on an H100/H200, see ``CUDA_DEFAULTS``). ``use_backend(name)`` (a
-context manager) or the ``KDOPS_BACKEND`` environment variable forces one; a forced backend that is
-not built or cannot run on the tensor's device raises a RuntimeError that says why.
+"triton" for that op and kind of call (measured on an H200, see ``CUDA_DEFAULTS``).
+``use_backend(name)`` (a context manager) or the ``KDOPS_BACKEND`` environment variable forces one;
+a forced backend that is not built or cannot run on the tensor's device raises a RuntimeError
+that says why.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
-# The default backend for CUDA tensors, per op, the faster one in bench/results/h200 (kd_loss:
-# the CUDA kernel, 3.14 ms against Triton's 4.56 for fkl forward + backward at 8192 x 128256 bf16).
-CUDA_DEFAULTS: dict[str, str] = {"kd_loss": "cuda"}
+# The default backend for CUDA tensors, per op and per kind of call (a gradient wanted or not): the
+# faster one in bench/results/h200 (divergence_cuda_headline_run3.md, 8192 x 128256 bf16). kd_loss
+# with a gradient: CUDA C++ (fkl 3.20 ms, jsd 7.30) over Triton (3.57, 7.70); loss only: Triton
+# (fkl 1.92 ms, jsd 4.17) over CUDA C++ (2.69, 4.38).
+CUDA_DEFAULTS: dict[str, dict[bool, str]] = {"kd_loss": {True: "cuda", False: "triton"}}
 
 _local = threading.local()
 
@@ -78,7 +81,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available_backends(op: str, device: torch.device) -> list[str]:
+def available_backends(op: str, device: torch.device, needs_grad: bool = True) -> list[str]:
     """Backends that can run `op` on tensors of `device`, the default first."""
     found = []
     if device.type == "cpu" and has_kernel(op, "CPU"):
@@ -88,7 +91,7 @@ def available_backends(op: str, device: torch.device) -> list[str]:
     if triton_available() and (device.type == "cuda" or triton_interpreting()) and has_triton_op(op):
         found.append("triton")
     if device.type == "cuda":
-        preferred = CUDA_DEFAULTS.get(op)
+        preferred = CUDA_DEFAULTS.get(op, {}).get(needs_grad)
         if preferred in found:
             found.remove(preferred)
             found.insert(0, preferred)
@@ -117,9 +120,9 @@ def _why_unavailable(name: str, op: str, device: torch.device) -> str:
     return f"no Triton kernel is registered for {op}"
 
 
-def select(op: str, device: torch.device) -> str:
-    """The backend that runs `op` for tensors on `device`."""
-    candidates = available_backends(op, device)
+def select(op: str, device: torch.device, needs_grad: bool = True) -> str:
+    """The backend that runs `op` for tensors on `device` (needs_grad: a gradient is wanted)."""
+    candidates = available_backends(op, device, needs_grad)
     forced = forced_backend()
     if forced is None:
         return candidates[0]

@@ -90,7 +90,11 @@ def kd_loss(
     tau = _checks.row_temperature(temperature, lead_shape, rows, acc, device)
     norm = _checks.normalizer_tensor(normalizer)
 
-    backend = _backend.select("kd_loss", device)
+    grad_on = torch.is_grad_enabled()
+    grad_student = grad_on and student_logits.requires_grad
+    grad_teacher = grad_on and teacher_logits.requires_grad
+    grad_temperature = grad_on and tau.requires_grad
+    backend = _backend.select("kd_loss", device, grad_student or grad_teacher or grad_temperature)
     if backend == "reference":
         loss = _reference.kd_loss(
             student_logits, teacher_logits, divergence=divergence, temperature=temperature,
@@ -99,7 +103,6 @@ def kd_loss(
         )
         return loss.to(acc)
 
-    grad_on = torch.is_grad_enabled()
     op = _kd_loss_op(backend)
     loss, _, _, _ = op(
         _checks.rows_view(student_logits),
@@ -112,9 +115,9 @@ def kd_loss(
         float(alpha),
         reduction,
         bool(t2_scale),
-        grad_on and student_logits.requires_grad,
-        grad_on and teacher_logits.requires_grad,
-        grad_on and tau.requires_grad,
+        grad_student,
+        grad_teacher,
+        grad_temperature,
     )
     return loss.reshape(lead_shape) if reduction == "none" else loss
 
