@@ -8,21 +8,13 @@
 #include <cmath>
 #include <cstdint>
 
+#include "log_poly.h"
+
 // Everything here sits in the innermost loops: force inlining, so that a loop never keeps a call
 // that would stop it from vectorizing once the kernels grow past the inliner's budget.
 #define KD_CPU_INLINE inline __attribute__((always_inline))
 
 namespace kdops::cpu {
-
-// a * b + c, fused where the build targets FMA hardware; the baseline build would otherwise call
-// libm's software fma in the hot loop.
-KD_CPU_INLINE float fmadd(float a, float b, float c) {
-#if defined(__FMA__) || defined(__aarch64__)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
 
 // exp for x <= 88 (kernels only call it on x - rowmax <= 0); exp(-inf) = 0, NaN stays NaN.
 KD_CPU_INLINE float exp_f32(float x) {
@@ -33,15 +25,15 @@ KD_CPU_INLINE float exp_f32(float x) {
   // x = n ln2 + r, |r| <= ln2 / 2; the magic constant rounds to nearest without a libm call
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   const float n = (xc * 1.44269504088896341f + kRound) - kRound;
-  float r = fmadd(n, -0.693359375f, xc);
-  r = fmadd(n, 2.12194440e-4f, r);
+  float r = fma_f32(n, -0.693359375f, xc);
+  r = fma_f32(n, 2.12194440e-4f, r);
   float poly = 1.9875691500e-4f;
-  poly = fmadd(poly, r, 1.3981999507e-3f);
-  poly = fmadd(poly, r, 8.3334519073e-3f);
-  poly = fmadd(poly, r, 4.1665795894e-2f);
-  poly = fmadd(poly, r, 1.6666665459e-1f);
-  poly = fmadd(poly, r, 5.0000001201e-1f);
-  const float er = fmadd(poly * r, r, r + 1.0f);
+  poly = fma_f32(poly, r, 1.3981999507e-3f);
+  poly = fma_f32(poly, r, 8.3334519073e-3f);
+  poly = fma_f32(poly, r, 4.1665795894e-2f);
+  poly = fma_f32(poly, r, 1.6666665459e-1f);
+  poly = fma_f32(poly, r, 5.0000001201e-1f);
+  const float er = fma_f32(poly * r, r, r + 1.0f);
   const int32_t biased = static_cast<int32_t>(n) + 127;
   const float two_n = std::bit_cast<float>(biased << 23);
   return x < kMin ? 0.0f : er * two_n;
@@ -61,21 +53,7 @@ KD_CPU_INLINE float log_f32(float x) {
   e = low ? e - 1 : e;
   m = low ? m + m - 1.0f : m - 1.0f;
   const float fe = static_cast<float>(e) - (tiny ? 23.0f : 0.0f);
-  const float z = m * m;
-  float poly = 7.0376836292e-2f;
-  poly = fmadd(poly, m, -1.1514610310e-1f);
-  poly = fmadd(poly, m, 1.1676998740e-1f);
-  poly = fmadd(poly, m, -1.2420140846e-1f);
-  poly = fmadd(poly, m, 1.4249322787e-1f);
-  poly = fmadd(poly, m, -1.6668057665e-1f);
-  poly = fmadd(poly, m, 2.0000714765e-1f);
-  poly = fmadd(poly, m, -2.4999993993e-1f);
-  poly = fmadd(poly, m, 3.3333331174e-1f);
-  float y = poly * m * z;
-  y = fmadd(fe, -2.12194440e-4f, y);
-  y = fmadd(z, -0.5f, y);
-  float result = m + y;
-  result = fmadd(fe, 0.693359375f, result);
+  float result = log_reduced_f32(m, fe);
   result = x == 0.0f ? -INFINITY : result;
   return x != x ? x : result;
 }

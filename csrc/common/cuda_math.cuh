@@ -7,7 +7,7 @@
 // scaling), with logits pre-multiplied by log2(e) / tau. log does NOT use the intrinsic: JSD and
 // the skew divergences take differences such as log q - log m of nearby values, where __logf's
 // 3-ulp relative error of the logarithm itself would show, so log is the same Cephes-style
-// polynomial as the CPU build (csrc/common/cpu_math.h), written with device bit casts: about
+// polynomial as the CPU build (csrc/common/log_poly.h), around device bit casts: about
 // 1 ulp, FMA pipe only. Under flush-to-zero subnormal arguments count as 0 (log = -inf); the
 // kernels never produce subnormal probabilities because every product that would is flushed.
 #pragma once
@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "log_poly.h"
 #include "macros.h"
 
 namespace kdops::cuda {
@@ -47,22 +48,7 @@ __device__ __forceinline__ float log_f32(float x) {
   const bool low = m < 0.707106781186547524f;
   e = low ? e - 1 : e;
   m = low ? m + m - 1.0f : m - 1.0f;
-  const float fe = static_cast<float>(e);
-  const float z = m * m;
-  float poly = 7.0376836292e-2f;
-  poly = fmaf(poly, m, -1.1514610310e-1f);
-  poly = fmaf(poly, m, 1.1676998740e-1f);
-  poly = fmaf(poly, m, -1.2420140846e-1f);
-  poly = fmaf(poly, m, 1.4249322787e-1f);
-  poly = fmaf(poly, m, -1.6668057665e-1f);
-  poly = fmaf(poly, m, 2.0000714765e-1f);
-  poly = fmaf(poly, m, -2.4999993993e-1f);
-  poly = fmaf(poly, m, 3.3333331174e-1f);
-  float y = poly * m * z;
-  y = fmaf(fe, -2.12194440e-4f, y);
-  y = fmaf(z, -0.5f, y);
-  float result = m + y;
-  result = fmaf(fe, 0.693359375f, result);
+  float result = log_reduced_f32(m, static_cast<float>(e));
   result = x < 1.17549435e-38f ? neg_inf<float>() : result;  // 0 (and flushed subnormals)
   result = x == __int_as_float(0x7f800000) ? x : result;     // +inf
   return x != x ? x : result;                                 // NaN
