@@ -6,6 +6,10 @@
 # Liger-Kernel (its wheel travels in .device_wheels/, carried). Each stage has its own time limit
 # so that a slow stage cannot eat the others: about 8 minutes at most in all.
 #
+# Liger's wheel, once, on a machine with PyPI: python3 -m pip download --no-deps --only-binary=:all:
+#   --python-version 3.12 --platform any -d .device_wheels liger-kernel==0.8.5
+# then run this with .device_wheels carried to the GPU machine.
+#
 # Everything is written to $RES; on exit it is packed into one archive under $OUT (the device tool
 # returns at most 8 files) beside copies of the JSON results and the markdown tables.
 set -uo pipefail

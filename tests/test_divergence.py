@@ -816,6 +816,16 @@ def test_backward_twice_and_weighted(reduction, make_gen, make_logits):
         torch.testing.assert_close(x.grad, 0.7 * a, rtol=1e-6, atol=1e-7)
 
 
+def test_double_backward_raises(make_gen, make_logits):
+    """The stored gradient has no graph: create_graph=True must fail loudly, not return zeros."""
+    g = make_gen(10)
+    s = make_logits((3, 17), g).requires_grad_()
+    t = make_logits((3, 17), g)
+    loss = kdops.kd_loss(s, t, divergence="fkl", temperature=2.0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
 def test_no_grad_still_computes_loss(make_gen, make_logits):
     g = make_gen(9)
     s = make_logits((3, 40), g)

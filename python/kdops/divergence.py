@@ -210,8 +210,12 @@ def _backward(ctx, grad_loss, _grad_s, _grad_t, _grad_tau):
             )
     if grad_loss is None:
         return (None,) * 13
-    factor = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
     traced = _tracing(grad_loss)
+    if torch.is_grad_enabled() and not traced:
+        # backward runs with grad mode on only under create_graph=True: the stored gradient has
+        # no graph of its own, so second derivatives would silently come out as zero
+        raise RuntimeError("kdops.kd_loss does not support double backward (create_graph=True)")
+    factor = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
     in_place = not traced and not _graph_is_kept()
     unit = not traced and _is_cpu_one(grad_loss)
 
