@@ -3,6 +3,7 @@
 // the gradient once. Compiled per instruction set with KD_CPU_ISA naming the namespace; the loops
 // are plain C++ with `omp simd` reductions (-fopenmp-simd, no OpenMP runtime) so the compiler
 // vectorizes them, and the only temporaries are two rows of exponentials per call.
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -75,22 +76,30 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
     const Acc shift_s = max_s * inv_tau;
     const Acc shift_t = max_t * inv_tau;
 
-    // sweep 2: exponentials (kept for the next sweeps), their sums, and for fkl / rkl the loss
-    // numerator sum e (x_teacher - x_student) on the shifted logits (exactly 0 for equal rows).
-    Acc sum_s = 0, sum_t = 0, cross = 0;
+    // sweep 2: exponentials (kept when a later sweep reads them: every divergence but a
+    // forward-only fkl / rkl), their sums, and for fkl / rkl the loss numerator
+    // sum e (x_teacher - x_student) on the shifted logits (exactly 0 for equal rows).
+    auto exp_sweep = [&](auto keep_exps) {
+      Acc sum_s = 0, sum_t = 0, cross = 0;
 #pragma omp simd reduction(+ : sum_s, sum_t, cross)
-    for (int64_t k = 0; k < V; ++k) {
-      const Acc xs = load(s[k]) * inv_tau - shift_s;
-      const Acc xt = load(t[k]) * inv_tau - shift_t;
-      const Acc es = M::exp(xs);
-      const Acc et = M::exp(xt);
-      ea[k] = es;
-      eb[k] = et;
-      sum_s += es;
-      sum_t += et;
-      if constexpr (D == Divergence::kFKL) cross += xlogratio(et, xt, xs);
-      if constexpr (D == Divergence::kRKL) cross += xlogratio(es, xs, xt);
-    }
+      for (int64_t k = 0; k < V; ++k) {
+        const Acc xs = load(s[k]) * inv_tau - shift_s;
+        const Acc xt = load(t[k]) * inv_tau - shift_t;
+        const Acc es = M::exp(xs);
+        const Acc et = M::exp(xt);
+        if constexpr (decltype(keep_exps)::value) {
+          ea[k] = es;
+          eb[k] = et;
+        }
+        sum_s += es;
+        sum_t += et;
+        if constexpr (D == Divergence::kFKL) cross += xlogratio(et, xt, xs);
+        if constexpr (D == Divergence::kRKL) cross += xlogratio(es, xs, xt);
+      }
+      return std::array<Acc, 3>{sum_s, sum_t, cross};
+    };
+    const auto [sum_s, sum_t, cross] = (kPlainKL && !any_grad) ? exp_sweep(std::false_type{})
+                                                               : exp_sweep(std::true_type{});
     const Acc log_sum_s = std::log(sum_s);
     const Acc log_sum_t = std::log(sum_t);
     const Acc inv_sum_s = Acc(1) / sum_s;
