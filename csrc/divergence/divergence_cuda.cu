@@ -514,6 +514,24 @@ struct StagedSupport {
   int max_cluster = 1;  // largest cluster (1, 8 or 16 blocks) the device schedules for this kernel
 };
 
+// A 1-D launch of `grid` blocks in clusters of `cluster` (no cluster attribute for 1); the
+// attribute lives in the caller's storage, which the returned config points to.
+cudaLaunchConfig_t cluster_launch_config(int64_t grid, int threads, size_t smem_bytes, int cluster,
+                                         cudaStream_t stream, cudaLaunchAttribute& attribute) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return config;
+}
+
 // Per device and dtype, once: allow kStageBytes of dynamic shared memory and find the largest
 // cluster of such blocks the device can schedule (sm_90 code and device; 16 is a non-portable
 // size that H100/H200 accept; under MIG or on other parts the occupancy query decides).
@@ -549,17 +567,9 @@ const StagedSupport& staged_support(int device) {
       (void)cudaGetLastError();
     }
     for (const int c : {kMaxCluster, 8}) {
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(c);
-      config.blockDim = dim3(kStagedMaxThreads);
-      config.dynamicSmemBytes = static_cast<size_t>(kStageBytes);
-      cudaLaunchAttribute attribute[1];
-      attribute[0].id = cudaLaunchAttributeClusterDimension;
-      attribute[0].val.clusterDim.x = static_cast<unsigned>(c);
-      attribute[0].val.clusterDim.y = 1;
-      attribute[0].val.clusterDim.z = 1;
-      config.attrs = attribute;
-      config.numAttrs = 1;
+      cudaLaunchAttribute attribute;
+      const cudaLaunchConfig_t config = cluster_launch_config(
+          c, kStagedMaxThreads, static_cast<size_t>(kStageBytes), c, nullptr, attribute);
       int clusters = 0;
       if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
         support.max_cluster = c;
@@ -607,18 +617,9 @@ bool launch_staged(const DivergenceParams& prm, int device, cudaStream_t stream)
   const int64_t max_clusters = std::numeric_limits<int32_t>::max() / csize;
   const int64_t grid = csize * std::min<int64_t>(prm.rows, max_clusters);
 
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(grid));
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = static_cast<size_t>(slice_bytes(csize));
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = static_cast<unsigned>(csize);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = csize > 1 ? 1 : 0;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_launch_config(
+      grid, threads, static_cast<size_t>(slice_bytes(csize)), csize, stream, attribute);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, divergence_staged_kernel<In>, prm, csize, vpc));
   return true;
 }
