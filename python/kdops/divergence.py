@@ -127,20 +127,15 @@ def _kd_loss_op(backend: str):
         from .kernels_registry import triton_ops
 
         op = triton_ops()["kd_loss"]
-        _register_triton_autograd(op)
+        if op not in _triton_registered:
+            # same contract as the C++ op, so the same autograd (a triton_op traces its own fake)
+            register_autograd(op)
+            _triton_registered.add(op)
         return op
     return torch.ops.kdops.kd_loss.default  # cpu and cuda: the dispatcher picks by device
 
 
 _triton_registered: set = set()
-
-
-def _register_triton_autograd(op) -> None:
-    """The Triton op shares the C++ op's contract, so it shares its autograd formula (a
-    triton_op gets its fake kernel by tracing itself)."""
-    if op not in _triton_registered:
-        torch.library.register_autograd(op, _backward, setup_context=_setup_context)
-        _triton_registered.add(op)
 
 
 # --- op registration: fake kernel and autograd (shared by the C++ and Triton ops) -------------
@@ -241,10 +236,10 @@ def _backward(ctx, grad_loss, _grad_s, _grad_t, _grad_tau):
     return (d_student, d_teacher, d_tau) + (None,) * 10
 
 
-def register_op(op) -> None:
-    """Fake kernel + autograd for a kd_loss op with the schema of csrc/registration.cpp."""
-    torch.library.register_fake(op)(kd_loss_fake)
+def register_autograd(op) -> None:
+    """Autograd for an op with the kd_loss schema of csrc/registration.cpp (C++ and Triton)."""
     torch.library.register_autograd(op, _backward, setup_context=_setup_context)
 
 
-register_op("kdops::kd_loss")
+torch.library.register_fake("kdops::kd_loss")(kd_loss_fake)
+register_autograd("kdops::kd_loss")
