@@ -16,6 +16,17 @@ TORCH_LIBRARY(kdops, m) {
       "bool t2_scale, bool grad_student, bool grad_teacher, bool grad_temperature) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor grad_temperature)",
       {at::Tag::pt2_compliant_tag});
+
+  // Sparse-teacher divergence (DESIGN.md 3.2): student [rows, vocab] logits against a teacher
+  // known on K ids per row (teacher_ids int32/int64 [rows, K], teacher_logprobs [rows, K] in the
+  // accumulate dtype). Outputs as kd_loss; grad_teacher is [rows, K] in the accumulate dtype.
+  m.def(
+      "topk_kd_loss(Tensor student, Tensor teacher_ids, Tensor teacher_logprobs, "
+      "Tensor temperature, Tensor? valid, Tensor? normalizer, str divergence, float beta, "
+      "float alpha, bool renormalize, str reduction, bool t2_scale, bool grad_student, "
+      "bool grad_teacher, bool grad_temperature) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor grad_temperature)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -73,6 +73,9 @@ struct Math<double> {
   KD_CPU_INLINE static double log(double x) { return std::log(x); }
 };
 
+// Storage type of a kernel's floating-point input, as the per-ISA objects (no torch headers) name it.
+enum class Storage : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
 // Storage types. bf16 and fp16 are converted by hand (bit shifts, _Float16) so the conversion
 // vectorizes inside the kernel loops instead of calling into c10.
 struct BFloat16Bits {

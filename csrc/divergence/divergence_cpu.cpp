@@ -1,11 +1,9 @@
 // kd_loss on the CPU: rows split across threads with at::parallel_for, each chunk handed to the
 // widest instruction-set build of divergence_cpu_kernel.cpp that this CPU runs.
-#include <cstdlib>
-#include <string_view>
-
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/cpu_dispatch.h"
 #include "divergence_cpu.h"
 #include "divergence_op.h"
 
@@ -14,36 +12,13 @@ namespace {
 
 using RowsFn = void (*)(const DivergenceParams&, Storage, int64_t, int64_t);
 
-// KDOPS_CPU_ISA=baseline|avx2|avx512 forces a build (tests run each one); otherwise the widest
-// one the CPU supports.
 RowsFn pick_rows_kernel() {
+  switch (cpu_isa()) {
 #if defined(__x86_64__)
-  const char* forced = std::getenv("KDOPS_CPU_ISA");
-  const std::string_view isa = forced ? forced : "";
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("f16c");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq");
-  TORCH_CHECK_VALUE(isa.empty() || isa == "baseline" || isa == "avx2" || isa == "avx512",
-                    "KDOPS_CPU_ISA must be baseline, avx2 or avx512; got '", isa, "'");
-  TORCH_CHECK(isa != "avx512" || has_avx512, "KDOPS_CPU_ISA=avx512 but this CPU lacks AVX-512");
-  TORCH_CHECK(isa != "avx2" || has_avx2, "KDOPS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
-  if (isa == "baseline") return baseline::divergence_rows;
-  if (isa == "avx2") return avx2::divergence_rows;
-  if (isa == "avx512" || has_avx512) return avx512::divergence_rows;
-  if (has_avx2) return avx2::divergence_rows;
+    case Isa::kAvx512: return avx512::divergence_rows;
+    case Isa::kAvx2: return avx2::divergence_rows;
 #endif
-  return baseline::divergence_rows;
-}
-
-Storage storage_of(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return Storage::kFloat32;
-    case at::kDouble: return Storage::kFloat64;
-    case at::kBFloat16: return Storage::kBFloat16;
-    case at::kHalf: return Storage::kFloat16;
-    default: TORCH_CHECK(false, "kd_loss: unsupported dtype ", dtype);
+    default: return baseline::divergence_rows;
   }
 }
 

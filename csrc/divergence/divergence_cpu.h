@@ -4,11 +4,10 @@
 
 #include <cstdint>
 
+#include "../common/cpu_math.h"
 #include "divergence.h"
 
 namespace kdops::cpu {
-
-enum class Storage : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 #define KD_DECLARE_DIVERGENCE_ROWS(isa)                                                        \
   namespace isa {                                                                              \

@@ -25,13 +25,6 @@ Divergence parse_divergence(std::string_view name, double beta, double alpha) {
                     "tvd; got '", name, "'");
 }
 
-Reduction parse_reduction(std::string_view name) {
-  if (name == "mean") return Reduction::kMean;
-  if (name == "sum") return Reduction::kSum;
-  if (name == "none") return Reduction::kNone;
-  TORCH_CHECK_VALUE(false, "kd_loss: reduction must be 'mean', 'sum' or 'none'; got '", name, "'");
-}
-
 }  // namespace
 
 DivergenceLaunch prepare_divergence(const at::Tensor& student, const at::Tensor& teacher,
@@ -81,7 +74,7 @@ DivergenceLaunch prepare_divergence(const at::Tensor& student, const at::Tensor&
   }
 
   DivergenceLaunch launch;
-  launch.reduction = parse_reduction(reduction);
+  launch.reduction = parse_reduction(reduction, "kd_loss");
   auto& prm = launch.params;
   prm.divergence = parse_divergence(divergence, beta, alpha);
   prm.coef = prm.divergence == Divergence::kJSD ? beta : alpha;
@@ -104,15 +97,10 @@ DivergenceLaunch prepare_divergence(const at::Tensor& student, const at::Tensor&
   }
 
   // The reduction's scale is folded into the fused gradient, so backward only multiplies by
-  // grad_output. It stays a tensor: no host synchronisation on any device.
-  if (launch.reduction == Reduction::kMean && normalizer) {
-    launch.scale = normalizer->to(acc_opts).reciprocal();
-  } else if (launch.reduction == Reduction::kMean) {
-    const at::Tensor count = valid ? valid_contig.sum().to(acc) : at::scalar_tensor(rows, acc_opts);
-    launch.scale = at::where(count > 0, count.reciprocal(), at::zeros_like(count));
-  } else {
-    launch.scale = at::ones({}, acc_opts);
-  }
+  // grad_output.
+  launch.scale = reduction_scale(launch.reduction, valid ? std::optional<at::Tensor>(valid_contig)
+                                                         : std::nullopt,
+                                 normalizer, rows, acc_opts);
   prm.scale = launch.scale.data_ptr();
 
   launch.loss_rows = at::empty({rows}, acc_opts);
@@ -134,10 +122,8 @@ DivergenceLaunch prepare_divergence(const at::Tensor& student, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_divergence(
     DivergenceLaunch& launch) {
-  at::Tensor loss = launch.reduction == Reduction::kNone
-                        ? launch.loss_rows
-                        : launch.loss_rows.sum() * launch.scale;
-  return {loss, launch.grad_student, launch.grad_teacher, launch.grad_temperature};
+  return {reduce_rows(launch.loss_rows, launch.reduction, launch.scale), launch.grad_student,
+          launch.grad_teacher, launch.grad_temperature};
 }
 
 }  // namespace kdops

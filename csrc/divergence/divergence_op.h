@@ -9,11 +9,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "../common/reduction_op.h"
 #include "divergence.h"
 
 namespace kdops {
-
-enum class Reduction { kMean, kSum, kNone };
 
 struct DivergenceLaunch {
   DivergenceParams params;

@@ -10,6 +10,7 @@ from . import _C  # noqa: F401  (registers torch.ops.kdops)
 from . import nn, reference
 from ._backend import BACKENDS, available_backends, use_backend
 from .divergence import kd_loss
+from .topk import topk_kd_loss
 
-__all__ = ["BACKENDS", "available_backends", "kd_loss", "nn", "reference", "use_backend"]
+__all__ = ["BACKENDS", "available_backends", "kd_loss", "nn", "reference", "topk_kd_loss", "use_backend"]
 __version__ = "0.1.0"

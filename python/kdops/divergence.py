@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _fused_grad
 from . import reference as _reference
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
@@ -122,23 +122,16 @@ def kd_loss(
     return loss.reshape(lead_shape) if reduction == "none" else loss
 
 
+KD_LOSS = _fused_grad.FusedGradOp(
+    name="kd_loss", num_args=13, grad_inputs=(0, 1, 2), names=("student", "teacher", "temperature"),
+    reduction=8, first_flag=10,
+)
+
+
 def _kd_loss_op(backend: str):
     if backend == "triton":
-        from .kernels_registry import triton_ops
-
-        op = triton_ops()["kd_loss"]
-        if op not in _triton_registered:
-            # same contract as the C++ op, so the same autograd (a triton_op traces its own fake)
-            register_autograd(op)
-            _triton_registered.add(op)
-        return op
+        return _fused_grad.triton_op_with_autograd("kd_loss", KD_LOSS)
     return torch.ops.kdops.kd_loss.default  # cpu and cuda: the dispatcher picks by device
-
-
-_triton_registered: set = set()
-
-
-# --- op registration: fake kernel and autograd (shared by the C++ and Triton ops) -------------
 
 
 def kd_loss_fake(student, teacher, temperature, valid, normalizer, divergence, beta, alpha,
@@ -154,92 +147,5 @@ def kd_loss_fake(student, teacher, temperature, valid, normalizer, divergence, b
     return loss, grad(grad_student), grad(grad_teacher), grad_tau
 
 
-def _setup_context(ctx, inputs, output):
-    student, teacher, temperature = inputs[:3]
-    reduction = inputs[8]
-    _, grad_student, grad_teacher, grad_temperature = output
-    # The gradient outputs are buffers, not results to differentiate: without this autograd
-    # would materialize a zero [N, V] grad_output for each of them in backward.
-    ctx.mark_non_differentiable(grad_student, grad_teacher, grad_temperature)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad_student, grad_teacher, grad_temperature)
-    ctx.per_row = reduction == "none"
-    ctx.temperature_is_scalar = temperature.dim() == 0
-    ctx.flags = inputs[10:13]
-
-
-def _graph_is_kept() -> bool:
-    """True when this backward may run again (retain_graph / create_graph), or when unsure."""
-    try:
-        return torch._C._autograd._get_current_graph_task_keep_graph()
-    except (AttributeError, RuntimeError):
-        return True
-
-
-def _tracing(tensor: torch.Tensor) -> bool:
-    """Inside torch.compile / AOT tracing: the backward becomes a graph, so nothing may be
-    mutated in place or read on the host (functionalization would reject it)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return (
-        torch.compiler.is_compiling()
-        or isinstance(tensor, (FakeTensor, FunctionalTensor))
-        or torch._is_functional_tensor(tensor)
-    )
-
-
-def _is_cpu_one(grad: torch.Tensor) -> bool:
-    """grad_output is a CPU scalar equal to 1 (reading it costs nothing there; never on a GPU)."""
-    return grad.device.type == "cpu" and grad.dim() == 0 and bool(grad == 1)
-
-
-def _backward(ctx, grad_loss, _grad_s, _grad_t, _grad_tau):
-    grad_student, grad_teacher, grad_temperature = ctx.saved_tensors
-    names = ("student", "teacher", "temperature")
-    for i, name in enumerate(names):
-        if ctx.needs_input_grad[i] and not ctx.flags[i]:
-            raise RuntimeError(
-                f"kdops.kd_loss: {name} requires grad but the op ran with grad_{name}=False; "
-                "call kdops.kd_loss (it sets the flags) instead of the raw op"
-            )
-    if grad_loss is None:
-        return (None,) * 13
-    traced = _tracing(grad_loss)
-    if torch.is_grad_enabled() and not traced:
-        # backward runs with grad mode on only under create_graph=True: the stored gradient has
-        # no graph of its own, so second derivatives would silently come out as zero
-        raise RuntimeError("kdops.kd_loss does not support double backward (create_graph=True)")
-    factor = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
-    in_place = not traced and not _graph_is_kept()
-    unit = not traced and _is_cpu_one(grad_loss)
-
-    def scaled(buffer):
-        if unit:  # loss.backward() on the CPU: the buffer already is the gradient
-            return buffer
-        if not in_place:
-            return buffer * factor
-        if buffer.is_cuda and _backend.triton_available():
-            # skips rows whose factor is 1 on the device: no host sync, no pass over the buffer
-            from .kernels.scale import scale_rows_unless_one_
-
-            return scale_rows_unless_one_(buffer, grad_loss)
-        return buffer.mul_(factor)
-
-    d_student = scaled(grad_student) if ctx.needs_input_grad[0] else None
-    d_teacher = scaled(grad_teacher) if ctx.needs_input_grad[1] else None
-    d_tau = None
-    if ctx.needs_input_grad[2]:
-        d_tau = grad_temperature * grad_loss
-        if ctx.temperature_is_scalar:
-            d_tau = d_tau.sum()
-    return (d_student, d_teacher, d_tau) + (None,) * 10
-
-
-def register_autograd(op) -> None:
-    """Autograd for an op with the kd_loss schema of csrc/registration.cpp (C++ and Triton)."""
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
-
-
 torch.library.register_fake("kdops::kd_loss")(kd_loss_fake)
-register_autograd("kdops::kd_loss")
+_fused_grad.register_fused_autograd("kdops::kd_loss", KD_LOSS)

@@ -6,5 +6,6 @@ computed in float64 with plain autograd-differentiable PyTorch. They are also us
 """
 
 from .divergence import DIVERGENCES, REDUCTIONS, kd_loss
+from .topk import topk_kd_loss
 
-__all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss"]
+__all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss", "topk_kd_loss"]
