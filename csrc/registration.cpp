@@ -27,6 +27,24 @@ TORCH_LIBRARY(kdops, m) {
       "bool grad_teacher, bool grad_temperature) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor grad_temperature)",
       {at::Tag::pt2_compliant_tag});
+
+  // Fused linear + divergence (DESIGN.md 3.3): logits = student_hidden [rows, hidden] @
+  // student_weight [vocab, hidden]^T (+ student_bias), formed chunk_size rows at a time (0: a
+  // default), against one teacher form: teacher_logits [rows, vocab], teacher_hidden + weight
+  // (+ bias), or teacher_ids + teacher_logprobs [rows, K]. softcap > 0 caps both formed logits
+  // (0: off). Returns the loss and, for each flag set, the reduction-scaled gradient of
+  // student_hidden [rows, hidden], student_weight [vocab, hidden], student_bias [vocab] (input
+  // dtypes) and the temperature per row [rows]. Implemented in Python (kdops/fused_linear.py).
+  m.def(
+      "fused_linear_kd_loss(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
+      "Tensor? teacher_logits, Tensor? teacher_hidden, Tensor? teacher_weight, "
+      "Tensor? teacher_bias, Tensor? teacher_ids, Tensor? teacher_logprobs, Tensor temperature, "
+      "Tensor? valid, Tensor? normalizer, str divergence, float beta, float alpha, "
+      "bool renormalize, str reduction, bool t2_scale, float softcap, int chunk_size, "
+      "bool grad_hidden, bool grad_weight, bool grad_bias, bool grad_temperature) "
+      "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_temperature)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -10,7 +10,8 @@ from . import _C  # noqa: F401  (registers torch.ops.kdops)
 from . import nn, reference
 from ._backend import BACKENDS, available_backends, use_backend
 from .divergence import kd_loss
+from .fused_linear import fused_linear_kd_loss
 from .topk import topk_kd_loss
 
-__all__ = ["BACKENDS", "available_backends", "kd_loss", "nn", "reference", "topk_kd_loss", "use_backend"]
+__all__ = ["BACKENDS", "available_backends", "fused_linear_kd_loss", "kd_loss", "nn", "reference", "topk_kd_loss", "use_backend"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Loss modules over the kdops ops."""
 
 from .divergence import KDLoss
+from .fused_linear import FusedLinearKDLoss
 
-__all__ = ["KDLoss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss"]

@@ -6,6 +6,7 @@ computed in float64 with plain autograd-differentiable PyTorch. They are also us
 """
 
 from .divergence import DIVERGENCES, REDUCTIONS, kd_loss
+from .fused_linear import fused_linear_kd_loss
 from .topk import topk_kd_loss
 
-__all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss", "topk_kd_loss"]
+__all__ = ["DIVERGENCES", "REDUCTIONS", "fused_linear_kd_loss", "kd_loss", "topk_kd_loss"]
