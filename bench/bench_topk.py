@@ -1,0 +1,261 @@
+"""Benchmark of kdops.topk_kd_loss (sparse top-k teacher KD) against the PyTorch pipeline that
+top-k distillation code uses today, eager and under torch.compile.
+
+The peer pipeline (as in axolotl's and TRL's top-k KD losses): upcast the student logits to
+float32, log_softmax over the full vocabulary, gather at the teacher's ids, renormalize the
+teacher's K log-probabilities, and sum the divergence over K. kdops computes the same loss in one
+fused sweep and stores the gradient in forward.
+
+Each provider runs in its own process (bench/_harness.py): time of forward and of forward +
+backward (median), and peak memory with the inputs included, as a ratio to inputs + one gradient
+buffer. The floor of a fused kernel is reading the student logits once and writing their gradient
+once (forward only: reading them once); on CUDA, a device-to-device copy measured in the same run
+gives the bandwidth, and each result is also reported as that floor's time over its own.
+
+    python bench/bench_topk.py                      # CPU default plan
+    python bench/bench_topk.py --quick              # CI smoke test (tiny shapes)
+    python bench/bench_topk.py --device cuda        # GPU plan: 8192 x 128256 bf16, K = 64
+
+Writes bench/results/topk_<device>[_quick].{json,md} (and a PNG unless --no-plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROVIDERS = ("kdops", "eager", "compile")
+PASSES = ("fwd", "fwd_bwd")
+CPU_PLAN = ["4096x32000x64:fp32", "4096x32000x64:bf16"]
+GPU_PLAN = ["8192x128256x64:bf16", "1024x128256x64:bf16"]
+QUICK_PLAN = ["64x1000x16:fp32"]
+DIVERGENCES = ("fkl", "jsd")
+
+
+def parse_shape(spec: str) -> tuple[int, int, int, str]:
+    dims, _, dtype = spec.partition(":")
+    n, v, k = (int(x) for x in dims.split("x"))
+    return n, v, k, dtype or "fp32"
+
+
+# --------------------------------------------------------------------------------------------------
+# The peer pipeline
+
+
+def eager_topk_loss(student, ids, logprobs, divergence: str, temperature: float, beta: float):
+    import torch
+
+    b = torch.log_softmax(logprobs / temperature, dim=-1)
+    p = b.exp()
+    a = student.float() / temperature
+    if divergence == "fkl":
+        lq = torch.log_softmax(a, dim=-1).gather(-1, ids)
+        rows = (p * (b - lq)).sum(-1)
+    else:  # jsd on the K support, the student renormalized over the ids
+        lq = torch.log_softmax(a.gather(-1, ids), dim=-1)
+        q = lq.exp()
+        lm = torch.log(beta * p + (1 - beta) * q)
+        rows = beta * (p * (b - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
+    return rows.mean()
+
+
+def make_loss_fn(provider: str, divergence: str, args):
+    if provider == "kdops":
+        import kdops
+
+        return lambda s, ids, lp: kdops.topk_kd_loss(s, ids, lp, divergence=divergence,
+                                                     temperature=args.temperature, beta=args.beta)
+    if provider == "eager":
+        return lambda s, ids, lp: eager_topk_loss(s, ids, lp, divergence, args.temperature, args.beta)
+    if provider == "compile":
+        import torch
+
+        compiled = torch.compile(eager_topk_loss, backend=args.compile_backend, dynamic=False)
+        return lambda s, ids, lp: compiled(s, ids, lp, divergence, args.temperature, args.beta)
+    raise ValueError(provider)
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker: one provider, every case of the plan
+
+
+def worker_main(args) -> int:
+    import torch
+
+    provider = args.worker[0]
+    device = args.device
+    hwm_ok = device.startswith("cuda") or H.cpu_hwm_resettable()
+    for spec in args.worker[1].split(","):
+        n, v, k, dt = parse_shape(spec)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        student = (torch.randn(n, v, device=device, generator=gen) * 2.0).to(H.torch_dtype(dt))
+        teacher = torch.randn(n, v, device=device, generator=gen) * 2.0
+        logprobs, ids = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+        del teacher
+        input_bytes = student.nbytes + ids.nbytes + logprobs.nbytes
+        reps = args.reps or (1 if args.quick else (10 if device.startswith("cuda") else 3))
+        for divergence in DIVERGENCES:
+            fn = make_loss_fn(provider, divergence, args)
+            for pass_ in PASSES:
+                rec: dict[str, Any] = dict(provider=provider, N=n, V=v, K=k, dtype=dt,
+                                           divergence=divergence, pass_=pass_,
+                                           input_bytes=input_bytes,
+                                           grad_bytes=student.nbytes if pass_ == "fwd_bwd" else 0)
+                rec["budget_bytes"] = rec["input_bytes"] + rec["grad_bytes"]
+                try:
+                    rec.update(run_case(fn, student, ids, logprobs, pass_, device, reps, hwm_ok))
+                    rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
+                    rec["peak_ratio"] = rec["peak_bytes"] / rec["budget_bytes"]
+                except Exception as e:  # e.g. out of memory: a row with the error
+                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                H.emit_result(rec)
+                gc.collect()
+        del student, ids, logprobs
+        gc.collect()
+    return 0
+
+
+def run_case(fn, student, ids, logprobs, pass_: str, device: str, reps: int, hwm_ok: bool):
+    s = student if pass_ == "fwd" else student.detach().requires_grad_(True)
+
+    def setup():
+        s.grad = None
+
+    def call():
+        loss = fn(s, ids, logprobs)
+        if pass_ == "fwd_bwd":
+            loss.backward()
+        return loss
+
+    out: dict[str, Any] = {}
+    setup()
+    t0 = time.perf_counter()
+    loss = call()  # compiles (compile provider); its value is cross-checked between providers
+    H.synchronize(device)
+    out["first_call_s"] = time.perf_counter() - t0
+    out["loss"] = float(loss.detach().float())
+    del loss
+    mem = H.PeakMemory(device) if hwm_ok else None
+    times = H.time_fn(call, device=device, reps=reps, warmup=1, setup=setup, memory=mem)
+    out.update(H.summarize_times(times))
+    if mem is not None:
+        out.update(mem_extra_bytes=mem.extra, mem_method=mem.method)
+    else:
+        out.update(mem_extra_bytes=0, mem_method="unavailable")
+    setup()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent: run the workers, report
+
+
+def floor_bytes(r: dict) -> int:
+    """Least traffic of a fused kernel: read the student once (+ write its gradient)."""
+    elem = 4 if r["dtype"] == "fp32" else 2
+    return r["N"] * r["V"] * elem * (2 if r["pass_"] == "fwd_bwd" else 1)
+
+
+def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list[str]]]:
+    eager = {(r["N"], r["V"], r["K"], r["dtype"], r["divergence"], r["pass_"]): r
+             for r in results if r["provider"] == "eager" and "error" not in r}
+    bw = copy["bandwidth_Bps"] if copy and "bandwidth_Bps" in copy else None
+    headers = ["case", "divergence", "pass", "provider", "time", "vs eager", "peak", "peak/budget"]
+    if bw:
+        headers.append("floor/time")
+    rows = []
+    for r in results:
+        case = f"{r['N']}x{r['V']} K={r['K']} {r['dtype']}"
+        if "error" in r:
+            rows.append([case, r["divergence"], r["pass_"], r["provider"], r["error"][:60]] +
+                        [""] * (len(headers) - 5))
+            continue
+        base = eager.get((r["N"], r["V"], r["K"], r["dtype"], r["divergence"], r["pass_"]))
+        speed = base["median_s"] / r["median_s"] if base else None
+        row = [case, r["divergence"], r["pass_"], r["provider"], H.fmt_time(r["median_s"]),
+               H.fmt_ratio(speed), H.fmt_mb(r["peak_bytes"]), H.fmt_ratio(r["peak_ratio"])]
+        if bw:
+            row.append(H.fmt_ratio(floor_bytes(r) / bw / r["median_s"]))
+        rows.append(row)
+    return headers, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
+    ap.add_argument("--shapes", help="comma list of NxVxK[:dtype]")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-backend", default=None)
+    ap.add_argument("--copy-mib", type=float, default=2048.0)
+    ap.add_argument("--out")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    if args.worker:
+        return worker_main(args)
+
+    cuda = args.device.startswith("cuda")
+    plan = args.shapes.split(",") if args.shapes else (QUICK_PLAN if args.quick else
+                                                         GPU_PLAN if cuda else CPU_PLAN)
+    tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
+    out = args.out or os.path.join(HERE, "results", f"topk_{tag}.json")
+    fwd = [a for a in sys.argv[1:] if a != "--quick"] if argv is None else list(argv)
+    worker_args = [a for a in fwd if a not in ("--no-plot",)]
+    worker_args += ["--quick"] if args.quick else []
+
+    copy = None
+    if cuda:
+        import torch
+
+        copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20))
+        del torch
+    results: list[dict] = []
+    for provider in args.providers.split(","):
+        records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
+                                      timeout=3600)
+        results += records
+        if error:
+            print(f"note: {provider}: {error}", file=sys.stderr)
+
+    headers, rows = report(results, copy)
+    print(H.format_table(headers, rows))
+    info = H.machine_info(args.device)
+    H.write_json(out, {"machine": info, "copy": copy, "results": results, "argv": sys.argv[1:]})
+    md = os.path.splitext(out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"# topk_kd_loss benchmark ({info.get('device_name', args.device)})\n\n")
+        f.write("Times are medians; `vs eager` is the speedup over the eager PyTorch pipeline in the "
+                "same run; peak includes the inputs, budget = inputs + one gradient buffer.\n\n")
+        f.write(H.format_markdown_table(headers, rows) + "\n")
+    if not args.no_plot:
+        groups = sorted({(r["N"], r["V"], r["K"], r["dtype"], r["divergence"], r["pass_"])
+                         for r in results if "error" not in r})
+        labels = [f"{n}x{v} K{k} {dt} {d} {p}" for n, v, k, dt, d, p in groups]
+        series = {}
+        for prov in args.providers.split(","):
+            by = {(r["N"], r["V"], r["K"], r["dtype"], r["divergence"], r["pass_"]): r["median_s"]
+                  for r in results if r["provider"] == prov and "error" not in r}
+            series[prov] = [by.get(g) for g in groups]
+        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
+                    title=f"topk_kd_loss on {info.get('device_name', args.device)}", log=True)
+    print(f"wrote {out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
