@@ -22,6 +22,7 @@ Writes bench/results/topk_<device>[_quick].{json,md} (and a PNG unless --no-plot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROVIDERS = ("kdops", "eager", "compile")
+PROVIDERS = {"cpu": "kdops,eager,compile", "cuda": "kdops:cuda,kdops:triton,eager,compile"}
 PASSES = ("fwd", "fwd_bwd")
 CPU_PLAN = ["4096x32000x64:fp32", "4096x32000x64:bf16"]
 GPU_PLAN = ["8192x128256x64:bf16", "1024x128256x64:bf16"]
@@ -68,11 +69,17 @@ def eager_topk_loss(student, ids, logprobs, divergence: str, temperature: float,
 
 
 def make_loss_fn(provider: str, divergence: str, args):
-    if provider == "kdops":
+    if provider.split(":")[0] == "kdops":  # kdops (default backend) or kdops:<backend>
         import kdops
 
-        return lambda s, ids, lp: kdops.topk_kd_loss(s, ids, lp, divergence=divergence,
-                                                     temperature=args.temperature, beta=args.beta)
+        backend = provider.partition(":")[2] or None
+
+        def fused(s, ids, lp):
+            with kdops.use_backend(backend) if backend else contextlib.nullcontext():
+                return kdops.topk_kd_loss(s, ids, lp, divergence=divergence,
+                                          temperature=args.temperature, beta=args.beta)
+
+        return fused
     if provider == "eager":
         return lambda s, ids, lp: eager_topk_loss(s, ids, lp, divergence, args.temperature, args.beta)
     if provider == "compile":
@@ -193,7 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
     ap.add_argument("--shapes", help="comma list of NxVxK[:dtype]")
-    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--providers", help="comma list of kdops, kdops:<backend>, eager, compile "
+                    f"(default cpu: {PROVIDERS['cpu']}; cuda: {PROVIDERS['cuda']})")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--beta", type=float, default=0.5)
@@ -210,13 +218,15 @@ def main(argv=None) -> int:
         return worker_main(args)
 
     cuda = args.device.startswith("cuda")
+    args.providers = args.providers or PROVIDERS["cuda" if cuda else "cpu"]
     plan = args.shapes.split(",") if args.shapes else (QUICK_PLAN if args.quick else
                                                          GPU_PLAN if cuda else CPU_PLAN)
     tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
     out = args.out or os.path.join(HERE, "results", f"topk_{tag}.json")
-    fwd = [a for a in sys.argv[1:] if a != "--quick"] if argv is None else list(argv)
-    worker_args = [a for a in fwd if a not in ("--no-plot",)]
+    worker_args = ["--device", args.device, "--temperature", str(args.temperature), "--beta",
+                   str(args.beta), "--seed", str(args.seed), "--compile-backend", args.compile_backend]
     worker_args += ["--quick"] if args.quick else []
+    worker_args += ["--reps", str(args.reps)] if args.reps else []
 
     copy = None
     if cuda:

@@ -4,5 +4,6 @@ TRITON_OPS maps a kdops op name to the torch.library triton_op that runs it on C
 """
 
 from .divergence import kd_loss_triton
+from .topk import topk_kd_loss_triton
 
-TRITON_OPS: dict = {"kd_loss": kd_loss_triton}
+TRITON_OPS: dict = {"kd_loss": kd_loss_triton, "topk_kd_loss": topk_kd_loss_triton}

@@ -402,6 +402,11 @@ def fused_linear_kd_loss_kernel(
     grad_logits_wanted = grad_hidden or grad_weight or grad_bias
     op_name = "kd_loss" if teacher_ids is None else "topk_kd_loss"
     backend = _backend.select(op_name, device, grad_logits_wanted or grad_temperature)
+    # A Python-number temperature or normalizer arrives as a CPU scalar: move it to the device
+    # once here rather than once per chunk inside the divergence op.
+    temperature = temperature.to(device)
+    if normalizer is not None:
+        normalizer = normalizer.to(device=device, dtype=acc)
 
     # Each chunk is reduced with the global scale, so that the chunks' losses and gradients add
     # up to the whole batch's: "mean" divides every chunk by the normalizer or by the number of
