@@ -514,6 +514,26 @@ def test_backward_twice_and_weighted(reduction):
     torch.testing.assert_close(first.double(), s64.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("op", ["kd_loss", "topk_kd_loss"])
+def test_retained_graph_backward_three_times(op):
+    """Each pass through a retained graph adds the same gradient: no pass may hand out, then
+    rescale or accumulate into, the stored buffer that a later pass reads (shared autograd)."""
+    s, ids, lp = _small()
+    t = torch.randn(s.shape)
+
+    def loss_fn():
+        if op == "kd_loss":
+            return kdops.kd_loss(s, t)
+        return kdops.topk_kd_loss(s, ids, lp)
+
+    loss = loss_fn()
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward(torch.tensor(2.0), retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(s.grad, 4 * first)
+
+
 def test_double_backward_raises():
     s, ids, lp = _small()
     loss = kdops.topk_kd_loss(s, ids, lp)

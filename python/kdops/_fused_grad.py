@@ -92,8 +92,11 @@ def register_fused_autograd(op, spec: FusedGradOp) -> None:
             # has no graph of its own, so second derivatives would silently come out as zero
             raise RuntimeError(f"kdops.{spec.name} does not support double backward (create_graph=True)")
         factor = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
+        # The buffer may be handed out (or scaled in place) only by the last backward through this
+        # graph: autograd may keep a returned tensor as .grad, and a later pass would then
+        # accumulate into, or rescale, the very buffer it reads.
         in_place = not traced and not _graph_is_kept()
-        unit = not traced and _is_cpu_one(grad_loss)
+        unit = in_place and _is_cpu_one(grad_loss)
 
         def scaled(buffer):
             if unit:  # loss.backward() on the CPU: the buffer already is the gradient
