@@ -167,10 +167,23 @@ def fused_linear_kd_loss(
     def rows_of(x):
         return None if x is None else x.reshape(rows, x.shape[-1])
 
+    op_name = "kd_loss" if teacher_ids is None else "topk_kd_loss"
+    if _backend.select(op_name, device, grad_hidden or grad_weight or grad_bias or grad_temperature) == "reference":
+        loss = _reference.fused_linear_kd_loss(
+            student_hidden, student_weight, student_bias=student_bias, teacher_logits=teacher_logits,
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+            teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, divergence=divergence,
+            temperature=temperature, beta=beta, alpha=alpha, renormalize=renormalize, labels=labels,
+            ignore_index=ignore_index, mask=mask, reduction=reduction, normalizer=normalizer,
+            t2_scale=t2_scale, softcap=softcap,
+        )
+        return loss.to(acc)
+
     loss, *_ = torch.ops.kdops.fused_linear_kd_loss.default(
         rows_of(student_hidden), student_weight, student_bias,
         None if teacher_logits is None else _checks.rows_view(teacher_logits),
-        rows_of(teacher_hidden), teacher_weight, teacher_bias, teacher_ids,
+        rows_of(teacher_hidden), teacher_weight, teacher_bias,
+        None if teacher_ids is None else teacher_ids.contiguous(),
         None if teacher_logprobs is None else teacher_logprobs.contiguous(),
         tau, valid, norm, divergence, float(beta), float(alpha), bool(renormalize), reduction,
         bool(t2_scale), cap, chunk, grad_hidden, grad_weight, grad_bias, grad_temperature,
@@ -350,9 +363,6 @@ def _divergence_step(backend, student, teacher_logits, teacher_ids, teacher_logp
                      normalizer, options, grad_student, grad_temperature):
     """(loss, dL/dstudent or None, dL/dtau per row or None) of one chunk of logits."""
     divergence, beta, alpha, renormalize, reduction, t2_scale = options
-    if backend == "reference":
-        return _reference_step(student, teacher_logits, teacher_ids, teacher_logprobs, tau, valid,
-                               normalizer, options, grad_student, grad_temperature)
     if teacher_ids is None:
         op = (_fused_grad.triton_op_with_autograd("kd_loss", KD_LOSS) if backend == "triton"
               else torch.ops.kdops.kd_loss.default)
@@ -367,29 +377,6 @@ def _divergence_step(backend, student, teacher_logits, teacher_ids, teacher_logp
     return loss, grad if grad_student else None, grad_tau if grad_temperature else None
 
 
-def _reference_step(student, teacher_logits, teacher_ids, teacher_logprobs, tau, valid, normalizer,
-                    options, grad_student, grad_temperature):
-    """The "reference" backend for one chunk: the float64 oracle, differentiated by autograd."""
-    divergence, beta, alpha, renormalize, reduction, t2_scale = options
-    rows = student.shape[0]
-    acc = _checks.acc_dtype(student.dtype)
-    with torch.enable_grad():
-        s = student.detach().requires_grad_(grad_student)
-        # one leaf per row, so that autograd gives the per-row temperature gradient the op returns
-        t = tau.detach().expand(rows).clone().requires_grad_(grad_temperature)
-        kwargs = dict(divergence=divergence, temperature=t, beta=beta, alpha=alpha, mask=valid,
-                      reduction=reduction, normalizer=normalizer, t2_scale=t2_scale)
-        if teacher_ids is None:
-            loss = _reference.kd_loss(s, teacher_logits, **kwargs)
-        else:
-            loss = _reference.topk_kd_loss(s, teacher_ids, teacher_logprobs, renormalize=renormalize, **kwargs)
-        leaves = [x for x, wanted in ((s, grad_student), (t, grad_temperature)) if wanted]
-        grads = iter(torch.autograd.grad(loss, leaves, torch.ones_like(loss)) if leaves else ())
-    grad = next(grads) if grad_student else None
-    grad_tau = next(grads).to(acc) if grad_temperature else None
-    return loss.detach().to(acc), grad, grad_tau
-
-
 def fused_linear_kd_loss_kernel(
     hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, teacher_ids,
     teacher_logprobs, temperature, valid, normalizer, divergence, beta, alpha, renormalize, reduction,
@@ -402,6 +389,11 @@ def fused_linear_kd_loss_kernel(
     grad_logits_wanted = grad_hidden or grad_weight or grad_bias
     op_name = "kd_loss" if teacher_ids is None else "topk_kd_loss"
     backend = _backend.select(op_name, device, grad_logits_wanted or grad_temperature)
+    if backend == "reference":
+        raise RuntimeError(
+            f"kdops::fused_linear_kd_loss needs a {op_name} kernel for {device.type} tensors; the "
+            f"reference backend runs kdops.fused_linear_kd_loss through its float64 oracle instead"
+        )
     # A Python-number temperature or normalizer arrives as a CPU scalar: move it to the device
     # once here rather than once per chunk inside the divergence op.
     temperature = temperature.to(device)
