@@ -15,7 +15,8 @@
 //             otherwise 0), a barrier, then each id's exact value dense_j + sum of c_k over all
 //             entries with that id overwrites it. The sums come from a shared-memory hash table
 //             (open addressing, float atomics), so duplicate ids get one float32 total and every
-//             duplicate writes the same value; the rounded gradient is never read back.
+//             duplicate writes the same value; the rounded gradient is never read back. (Three or
+//             more entries with one id add in a run-dependent order: the last bit may vary.)
 // Ids outside [0, V) are never dereferenced: the entry's student logit is NaN and its loss NaN.
 //
 // Two launch shapes of one kernel per input dtype (the divergence, the id width and the sweeps'
@@ -168,8 +169,11 @@ struct RowShared {
   int32_t* table_key;
 };
 
+// Hash table slots: 2^table_bits, none when table_bits is 0 (no student gradient).
+KD_HOST_DEVICE int32_t table_slots(int table_bits) { return table_bits > 0 ? int32_t(1) << table_bits : 0; }
+
 inline size_t shared_bytes(int64_t stage_vectors, int64_t k, int table_bits, size_t acc_size) {
-  const int64_t slots = table_bits > 0 ? int64_t(1) << table_bits : 0;
+  const int64_t slots = table_slots(table_bits);
   return static_cast<size_t>(16 * stage_vectors + (2 * k + slots) * static_cast<int64_t>(acc_size) +
                              (k + slots) * 4);
 }
@@ -181,7 +185,7 @@ __device__ __forceinline__ RowShared<Acc> carve_shared(uint4* base, const TopKGe
   sh.x = reinterpret_cast<Acc*>(base + (geo.staged ? geo.vpc : 0));
   sh.y = sh.x + k;
   sh.table_sum = sh.y + k;
-  sh.id = reinterpret_cast<int32_t*>(sh.table_sum + (1 << geo.table_bits));
+  sh.id = reinterpret_cast<int32_t*>(sh.table_sum + table_slots(geo.table_bits));
   sh.table_key = sh.id + k;
   return sh;
 }
@@ -295,33 +299,34 @@ __device__ __forceinline__ void row_allreduce(Acc (&v)[K], Op op, Acc* scratch, 
 // Sweeps over the student row
 // ---------------------------------------------------------------------------------------------
 
+template <bool kEntropy, int N, typename T>
+__device__ __forceinline__ void push_stats(T (&st)[3], const T (&x)[N]) {
+  if constexpr (kEntropy) {
+    entropy_stats_push<N, T, CudaMath<T>>(st[0], st[1], st[2], x);
+  } else {
+    stats_push<N, T, CudaMath<T>>(st[0], st[1], x);
+  }
+}
+
 // This thread's (m, s[, h]) of its elements; st = {m, s, h} (h stays 0 without kEntropy).
 template <bool kEntropy, int U, typename In, typename Src>
 __device__ __forceinline__ void row_stats(const Src& src, const RowSlice<In>& sl, AccOf<In> c,
                                           AccOf<In> (&st)[3]) {
   using Acc = AccOf<In>;
-  using M = CudaMath<Acc>;
   constexpr int kVec = Storage<In>::kVec;
   st[0] = neg_inf<Acc>();
   st[1] = Acc(0);
   st[2] = Acc(0);
-  const auto push = [&](const auto& x) {
-    if constexpr (kEntropy) {
-      entropy_stats_push<std::extent_v<std::remove_reference_t<decltype(x)>>, Acc, M>(st[0], st[1], st[2], x);
-    } else {
-      stats_push<std::extent_v<std::remove_reference_t<decltype(x)>>, Acc, M>(st[0], st[1], x);
-    }
-  };
   for_each_vector<U>(src, sl.first, sl.last, [&](int32_t, const uint4& v) {
     Acc x[kVec];
     Storage<In>::unpack(v, x);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) x[e] = scale_logit(x[e], c);
-    push(x);
+    push_stats<kEntropy>(st, x);
   });
   for_each_scalar(sl, [&](int32_t, Acc z) {
     const Acc x[1] = {scale_logit(z, c)};
-    push(x);
+    push_stats<kEntropy>(st, x);
   });
 }
 
@@ -429,7 +434,7 @@ __device__ __forceinline__ void finish_row(const RowContext<In>& rc, AccOf<In> t
   // Entries: every thread handles k = tid + i * threads in each pass below, so it reads back
   // only entries it wrote itself.
   if (sl.g) {
-    for (int32_t h = tid; h < (1 << bits); h += threads) {
+    for (int32_t h = tid; h < table_slots(bits); h += threads) {
       sh.table_key[h] = -1;
       sh.table_sum[h] = Acc(0);
     }
@@ -506,12 +511,12 @@ __device__ __forceinline__ void finish_row(const RowContext<In>& rc, AccOf<In> t
   }
   if (want_tau) {
     block_allreduce<1>(tau_sum, rc.scratch, SumOp{});
-    // fkl's dense part: sum_j (-q_j U) lq_j = -U sum q ln q
-    const Acc student_side = full ? tau_sum[0] - side_s * entropy : tau_sum[0];
+    // plus fkl's dense part: sum_j (-q_j U) lq_j = -U sum q ln q
+    const Acc tau_total = full ? tau_sum[0] - side_s * entropy : tau_sum[0];
     if (leader) {
-      // d(t2 L)/dtau = t2' L + t2 dL/dtau with dL/dtau = -tau_sum / tau
+      // d(t2 L)/dtau = t2' L + t2 dL/dtau with dL/dtau = -tau_total / tau
       const Acc dt2 = prm.t2_scale ? Acc(2) * tau : Acc(0);
-      static_cast<Acc*>(prm.grad_temperature)[rc.r] = scale * (dt2 * loss + t2 * (-student_side * inv_tau));
+      static_cast<Acc*>(prm.grad_temperature)[rc.r] = scale * (dt2 * loss + t2 * (-tau_total * inv_tau));
     }
   }
   if (leader) static_cast<Acc*>(prm.loss_rows)[rc.r] = loss * t2;
@@ -538,3 +543,298 @@ __device__ __forceinline__ void finish_row(const RowContext<In>& rc, AccOf<In> t
   }
 }
 
+// A masked row: zeros, and nothing of the row is read.
+template <typename In>
+__device__ __forceinline__ void zero_row(const RowContext<In>& rc) {
+  using Acc = AccOf<In>;
+  const TopKParams& prm = rc.prm;
+  if (rc.sl.g) write_zeros<In>(rc.sl);
+  if (!rc.leader_block) return;
+  if (prm.grad_teacher) {
+    Acc* grad_teacher = static_cast<Acc*>(prm.grad_teacher) + rc.r * prm.k;
+    for (int32_t k = static_cast<int32_t>(threadIdx.x); k < prm.k; k += static_cast<int32_t>(blockDim.x)) {
+      grad_teacher[k] = Acc(0);
+    }
+  }
+  if (threadIdx.x == 0) {
+    static_cast<Acc*>(prm.loss_rows)[rc.r] = Acc(0);
+    if (prm.grad_temperature) static_cast<Acc*>(prm.grad_temperature)[rc.r] = Acc(0);
+  }
+}
+
+// One counted row: sweep 1 (exact fkl only), then the divergence's K phase and sweep 2.
+// `exchange_slot` is the cluster exchange buffer for sweep 1's statistics.
+template <typename In>
+__device__ __forceinline__ void process_row(const RowContext<In>& rc, AccOf<In>* exchange_slot) {
+  using Acc = AccOf<In>;
+  using M = CudaMath<Acc>;
+  constexpr int kVec = Storage<In>::kVec;
+  constexpr Acc kLn2 = Acc(0.693147180559945309417232121458176568);
+  const TopKParams& prm = rc.prm;
+  const RowSlice<In>& sl = rc.sl;
+  const Acc tau = static_cast<const Acc*>(prm.temperature)[rc.r * prm.temperature_stride];
+  // correctly rounded even under --use_fast_math (approximate float division)
+  const Acc inv_tau = static_cast<Acc>(1.0 / static_cast<double>(tau));
+  const Acc c = static_cast<Acc>(1.442695040888963407359924681001892137 / static_cast<double>(tau));
+
+  Acc lse2 = Acc(0);
+  Acc entropy = Acc(0);  // sum_j q_j ln q_j, for the temperature gradient
+  if (full_vocab_student(prm)) {
+    const bool want_entropy = prm.grad_temperature != nullptr;
+    Acc st[3];
+    if (rc.geo.staged) {
+      const In* body = sl.z + sl.head;
+      for (int32_t i = sl.first + static_cast<int32_t>(threadIdx.x); i < sl.last;
+           i += static_cast<int32_t>(blockDim.x)) {
+        cp_async16(rc.sh.stage + (i - sl.first), body + static_cast<int64_t>(i) * kVec);
+      }
+      cp_async_wait_all();  // this thread's copies landed; it reads only those
+      const StagedVectors src{rc.sh.stage, sl.first};
+      if (want_entropy) {
+        row_stats<true, 1, In>(src, sl, c, st);
+      } else {
+        row_stats<false, 1, In>(src, sl, c, st);
+      }
+    } else {
+      const GlobalVectors<In> src{sl.z + sl.head};
+      if (want_entropy) {
+        row_stats<true, kPlainUnroll, In>(src, sl, c, st);
+      } else {
+        row_stats<false, kPlainUnroll, In>(src, sl, c, st);
+      }
+    }
+    if (want_entropy) {
+      row_allreduce<3>(st, EntropyStatsOp<M>{}, rc.scratch, exchange_slot, rc.geo.csize);
+    } else {
+      Acc ms[2] = {st[0], st[1]};
+      row_allreduce<2>(ms, StatsOp<M>{}, rc.scratch, exchange_slot, rc.geo.csize);
+      st[0] = ms[0];
+      st[1] = ms[1];
+    }
+    // one accurate log per row (an all -inf row gives -inf here and NaN downstream)
+    const Acc log2_s = static_cast<Acc>(::log2(static_cast<double>(st[1])));
+    lse2 = st[0] + log2_s;
+    entropy = kLn2 * (st[2] / st[1] - log2_s);
+  }
+
+  switch (prm.divergence) {
+    case Divergence::kFKL: return finish_row<Divergence::kFKL, In>(rc, tau, inv_tau, c, lse2, entropy);
+    case Divergence::kRKL: return finish_row<Divergence::kRKL, In>(rc, tau, inv_tau, c, lse2, entropy);
+    case Divergence::kJSD: return finish_row<Divergence::kJSD, In>(rc, tau, inv_tau, c, lse2, entropy);
+    case Divergence::kSkewFKL:
+      return finish_row<Divergence::kSkewFKL, In>(rc, tau, inv_tau, c, lse2, entropy);
+    case Divergence::kSkewRKL:
+      return finish_row<Divergence::kSkewRKL, In>(rc, tau, inv_tau, c, lse2, entropy);
+    case Divergence::kTVD: return finish_row<Divergence::kTVD, In>(rc, tau, inv_tau, c, lse2, entropy);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Kernel
+// ----------------------------------------------------------------------------------------------
+
+// geo.csize blocks per row (a cluster when > 1), grid-stride over rows by clusters.
+template <typename In>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks<In>)
+    topk_kd_kernel(const TopKParams prm, const TopKGeometry geo) {
+  using Acc = AccOf<In>;
+  extern __shared__ uint4 dynamic_shared[];  // see RowShared
+  __shared__ Acc scratch[32 * 4];
+  // Sweep 1's cluster exchange, two slots used in turn: a slot is written again only after the
+  // next exchange's barrier, by which time every block has read it.
+  __shared__ Acc exchange[2 * 4];
+
+  // No barrier is needed before the first exchange: a block reads another's shared memory only
+  // after a cluster barrier that every block has reached.
+  const int32_t rank = geo.csize > 1 ? static_cast<int32_t>(cluster_rank()) : 0;
+  const RowShared<Acc> sh = carve_shared<Acc>(dynamic_shared, geo, static_cast<int32_t>(prm.k));
+  const int64_t clusters = gridDim.x / geo.csize;
+  uint32_t exchanges = 0;
+  for (int64_t r = blockIdx.x / geo.csize; r < prm.rows; r += clusters) {
+    const RowContext<In> rc{prm, geo, r, make_slice<In>(prm, r, rank, geo), sh, scratch, rank == 0};
+    if (prm.valid && !prm.valid[r]) {
+      zero_row<In>(rc);
+      continue;
+    }
+    process_row<In>(rc, exchange + 4 * (exchanges & 1u));
+    if (full_vocab_student(prm)) ++exchanges;
+    __syncthreads();  // the next row resets the entries and the table this row's scatter read
+  }
+  // Other blocks may still be reading this block's last exchange slot.
+  if (geo.csize > 1) cluster_sync_exit();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Host side
+// ----------------------------------------------------------------------------------------------
+
+bool clusters_disabled() {
+  static const bool disabled = [] {
+    const char* v = std::getenv("KDOPS_CUDA_NO_CLUSTER");
+    return v != nullptr && std::string_view(v) != "" && std::string_view(v) != "0";
+  }();
+  return disabled;
+}
+
+struct DeviceSupport {
+  size_t max_dynamic_shared = 0;  // per block, after the kernel's static shared memory
+  bool clusters = false;          // sm_90 code on an sm_90 device
+};
+
+// Per device and dtype, once: allow the kernel all of the device's opt-in shared memory (large K
+// and the staged slices need more than the default 48 KiB) and prefer shared memory over L1.
+template <typename In>
+const DeviceSupport& device_support(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceSupport> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find(device);
+  if (found != cache.end()) return found->second;
+
+  const auto kernel = topk_kd_kernel<In>;
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  int major = 0;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  DeviceSupport support;
+  support.max_dynamic_shared = static_cast<size_t>(optin) - attr.sharedSizeBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(support.max_dynamic_shared)));
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           static_cast<int>(cudaSharedmemCarveoutMaxShared)) != cudaSuccess) {
+    (void)cudaGetLastError();  // a hint only
+  }
+  support.clusters = major >= 9 && attr.ptxVersion >= 90;
+  return cache.emplace(device, support).first->second;
+}
+
+// A 1-D launch of `grid` blocks in clusters of `cluster` (no cluster attribute for 1); the
+// attribute lives in the caller's storage, which the returned config points to.
+cudaLaunchConfig_t launch_config(int64_t grid, int threads, size_t smem_bytes, int cluster,
+                                 cudaStream_t stream, cudaLaunchAttribute& attribute) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return config;
+}
+
+// Whether the device can hold at least one cluster of this shape (asked once per shape).
+template <typename In>
+bool cluster_fits(int device, int csize, int threads, size_t smem_bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int, size_t>, bool> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, csize, threads, smem_bytes);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = launch_config(csize, threads, smem_bytes, csize, nullptr, attribute);
+  int clusters = 0;
+  const bool fits = cudaOccupancyMaxActiveClusters(&clusters, topk_kd_kernel<In>, &config) == cudaSuccess &&
+                    clusters > 0;
+  if (!fits) (void)cudaGetLastError();  // not fatal: the plain shape serves
+  return cache.emplace(key, fits).first->second;
+}
+
+int round_up_warp(int64_t n) { return static_cast<int>((n + 31) / 32 * 32); }
+
+struct TopKLaunchShape {
+  TopKGeometry geo;
+  int threads;
+  size_t smem_bytes;
+};
+
+// Staged when the row's gradient needs a second read of it and a cluster of at most
+// kMaxClusterSize blocks can hold the row in kStageBytes slices; plain otherwise.
+template <typename In>
+TopKLaunchShape plan_launch(const TopKParams& prm, int device) {
+  using Acc = AccOf<In>;
+  constexpr int kVec = Storage<In>::kVec;
+  const DeviceSupport& support = device_support<In>(device);
+  int table_bits = 0;
+  if (prm.grad_student) {
+    table_bits = 1;
+    while ((int64_t(1) << table_bits) < 2 * prm.k) ++table_bits;  // load factor <= 1/2
+  }
+  const int64_t vectors = prm.vocab / kVec;  // at least any row's count
+  const bool full = full_vocab_student(prm);
+
+  if (full && prm.grad_student && !std::is_same_v<In, double> && !clusters_disabled() && vectors > 0) {
+    const int max_cluster = support.clusters ? kMaxClusterSize : 1;
+    for (int c = 1; c <= max_cluster; c *= 2) {
+      const int64_t vpc = (vectors + c - 1) / c;
+      if (16 * vpc > kStageBytes) continue;
+      const int threads = round_up_warp(std::clamp<int64_t>(vpc, kStagedMinThreads, kStagedMaxThreads));
+      const size_t smem = shared_bytes(vpc, prm.k, table_bits, sizeof(Acc));
+      if (smem <= support.max_dynamic_shared && (c == 1 || cluster_fits<In>(device, c, threads, smem))) {
+        return {TopKGeometry{c, static_cast<int32_t>(vpc), table_bits, true}, threads, smem};
+      }
+      break;
+    }
+  }
+
+  // about kPlainUnroll vectors per thread and sweep, at least one thread per entry where possible
+  const int64_t sweep_work = (full || prm.grad_student) ? (vectors + kPlainUnroll - 1) / kPlainUnroll : 0;
+  const int threads = round_up_warp(std::clamp<int64_t>(std::max(sweep_work, prm.k), 32, kMaxThreads));
+  const size_t smem = shared_bytes(0, prm.k, table_bits, sizeof(Acc));
+  TORCH_CHECK(smem <= support.max_dynamic_shared, "topk_kd_loss (cuda): K = ", prm.k, " needs ", smem,
+              " bytes of shared memory per block for ", sizeof(Acc) == 8 ? "float64" : "float32",
+              " accumulation; this device allows ", support.max_dynamic_shared);
+  return {TopKGeometry{1, static_cast<int32_t>(vectors), table_bits, false}, threads, smem};
+}
+
+template <typename In>
+void launch(const TopKParams& prm, int device, cudaStream_t stream) {
+  const TopKLaunchShape shape = plan_launch<In>(prm, device);
+  const int csize = shape.geo.csize;
+  const int64_t grid = csize * std::min<int64_t>(prm.rows, std::numeric_limits<int32_t>::max() / csize);
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = launch_config(grid, shape.threads, shape.smem_bytes, csize, stream, attribute);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, topk_kd_kernel<In>, prm, shape.geo));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kd_loss_cuda(
+    const at::Tensor& student, const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs,
+    const at::Tensor& temperature, const std::optional<at::Tensor>& valid,
+    const std::optional<at::Tensor>& normalizer, c10::string_view divergence, double beta,
+    double alpha, bool renormalize, c10::string_view reduction, bool t2_scale, bool grad_student,
+    bool grad_teacher, bool grad_temperature) {
+  TORCH_CHECK_VALUE(student.is_cuda(), "topk_kd_loss (cuda): student must be a CUDA tensor; got ",
+                    student.device());
+  const c10::cuda::CUDAGuard guard(student.device());
+  TopKLaunch launch_args = prepare_topk(student, teacher_ids, teacher_logprobs, temperature, valid,
+                                        normalizer, divergence, beta, alpha, renormalize, reduction,
+                                        t2_scale, grad_student, grad_teacher, grad_temperature);
+  const TopKParams& prm = launch_args.params;
+  TORCH_CHECK_VALUE(prm.vocab <= kMaxVocab, "topk_kd_loss (cuda): vocab (last dim) must be at most ",
+                    kMaxVocab, "; got ", prm.vocab);
+  if (prm.rows > 0) {
+    const int device = student.get_device();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    switch (student.scalar_type()) {
+      case at::kFloat: launch<float>(prm, device, stream); break;
+      case at::kDouble: launch<double>(prm, device, stream); break;
+      case at::kBFloat16: launch<__nv_bfloat16>(prm, device, stream); break;
+      case at::kHalf: launch<__half>(prm, device, stream); break;
+      default: TORCH_CHECK(false, "topk_kd_loss (cuda): unsupported dtype ", student.scalar_type());
+    }
+  }
+  return finish_topk(launch_args);
+}
+
+}  // namespace
+}  // namespace kdops::cuda
+
+TORCH_LIBRARY_IMPL(kdops, CUDA, m) {
+  m.impl("topk_kd_loss", &kdops::cuda::topk_kd_loss_cuda);
+}
