@@ -208,6 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile-backend", default=None)
     ap.add_argument("--copy-mib", type=float, default=2048.0)
+    ap.add_argument("--worker-timeout", type=float, default=None,
+                    help="seconds per provider's worker (default cpu 3600, cuda 60); a worker "
+                    "stopped at it keeps the rows it finished")
     ap.add_argument("--out")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
     results: list[dict] = []
     for provider in args.providers.split(","):
         records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
-                                      timeout=3600)
+                                      timeout=args.worker_timeout or (60 if cuda else 3600))
         results += records
         if error:
             print(f"note: {provider}: {error}", file=sys.stderr)

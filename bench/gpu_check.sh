@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU claim of kdops in one command, for a lent H100/H200 (torch + CUDA from the machine's
-# own image, no network). Builds kdops against that torch for sm_90, runs the GPU-marked tests
-# (CUDA and Triton backends against the float64 reference, N*V above 2^31 once, the CUDA tests
-# again on the plain kernel), then the benchmark suite against torch eager, torch.compile and
-# Liger-Kernel (its wheel travels in .device_wheels/, carried). Each stage has its own time limit
-# so that a slow stage cannot eat the others: about 8 minutes at most in all.
+# own image, no network). Builds kdops against that torch for sm_90, runs the GPU-marked tests of
+# every op family (CUDA and Triton backends against the float64 reference, N*V above 2^31, the CUDA
+# tests again on the plain one-block-per-row kernels), then the benchmark suite (kd_loss,
+# topk_kd_loss, fused_linear_kd_loss) against torch eager, torch.compile and Liger-Kernel (its wheel
+# travels in .device_wheels/, carried). Each stage has its own time limit so that a slow stage
+# cannot eat the others: about 8 minutes in all.
 #
 # Liger's wheel, once, on a machine with PyPI: python3 -m pip download --no-deps --only-binary=:all:
 #   --python-version 3.12 --platform any -d .device_wheels liger-kernel==0.8.5
@@ -25,9 +26,11 @@ status=0
 finish() {
   stage "done (status $status)"
   tar czf "$OUT/gpu_check.tar.gz" -C "$RES" .
-  cp "$RES"/divergence_cuda*.json "$RES"/divergence_cuda*.md "$OUT"/ 2>/dev/null
-  tail -6 "$RES/divergence_cuda_nocluster.md" 2>/dev/null
-  [ -f "$RES/divergence_cuda.md" ] && cat "$RES/divergence_cuda.md" || tail -30 "$RES/bench_divergence.log" 2>/dev/null
+  cp "$RES"/divergence_cuda.json "$RES"/divergence_cuda.md "$RES"/topk_cuda.json "$RES"/topk_cuda.md \
+     "$RES"/fused_linear_cuda.json "$RES"/fused_linear_cuda.md "$OUT"/ 2>/dev/null
+  for name in fused_linear topk divergence; do  # the headline table last
+    [ -f "$RES/${name}_cuda.md" ] && tail -n +3 "$RES/${name}_cuda.md" || tail -20 "$RES/bench_${name}.log" 2>/dev/null
+  done
 }
 trap finish EXIT
 
@@ -54,19 +57,25 @@ fi
 python3 -c "import kdops, torch; print('backends for cuda:', kdops.available_backends('kd_loss', torch.device('cuda')))"
 
 stage "GPU tests"
-# -m gpu covers both test files: cuda and triton against the reference for every divergence in
-# fp32 and bf16, N*V above 2^31, the 8192 x 128256 headline shape, torch.compile on CUDA.
-timeout 130 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$RES/tests_gpu.xml" \
+# -m gpu covers every test file: cuda and triton against the reference (every divergence in fp32
+# and bf16; top-k cases; fused-linear cases on every backend), N*V above 2^31, the 8192 x 128256
+# headline shape, torch.compile on CUDA, no host sync in fused_linear_kd_loss.
+timeout 170 python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$RES/tests_gpu.xml" \
   > "$RES/tests_gpu.log" 2>&1 || status=1
 tail -15 "$RES/tests_gpu.log"
 # the CUDA tests again on the plain one-block-per-row kernel (the flag is read once per process)
-KDOPS_CUDA_NO_CLUSTER=1 timeout 50 python3 -m pytest -q -m gpu tests -k "cuda and not compile" \
+KDOPS_CUDA_NO_CLUSTER=1 timeout 60 python3 -m pytest -q -m gpu tests -k "cuda and not compile" \
   -p no:cacheprovider > "$RES/tests_gpu_nocluster.log" 2>&1 || status=1
 tail -3 "$RES/tests_gpu_nocluster.log"
 
 stage "benchmarks"
-timeout 180 python3 bench/bench_divergence.py --device cuda --deadline 150 --no-plot \
+timeout 140 python3 bench/bench_divergence.py --device cuda --deadline 120 --no-plot \
   --out "$RES/divergence_cuda.json" > "$RES/bench_divergence.log" 2>&1 || status=1
 KDOPS_CUDA_NO_CLUSTER=1 timeout 45 python3 bench/bench_divergence.py --device cuda --providers kdops:cuda \
   --shapes 8192x128256:bf16 --divergences fkl,jsd --no-plot \
   --out "$RES/divergence_cuda_nocluster.json" > "$RES/bench_nocluster.log" 2>&1 || status=1
+timeout 90 python3 bench/bench_topk.py --device cuda --no-plot --worker-timeout 20 \
+  --out "$RES/topk_cuda.json" > "$RES/bench_topk.log" 2>&1 || status=1
+timeout 150 python3 bench/bench_fused_linear.py --device cuda --no-plot --worker-timeout 30 \
+  --divergences jsd --providers kdops,eager,liger \
+  --out "$RES/fused_linear_cuda.json" > "$RES/bench_fused_linear.log" 2>&1 || status=1
