@@ -21,8 +21,10 @@ Kernel layout. One program per row; arithmetic in float32, offsets in int64 (N *
   sum exp(a - max)(a - max), which gives the row's sum q log q.
 * K phase, in BLOCK_K blocks of the entries: the teacher's log-sum-exp (renormalize) and the
   support's log-sum-exp of a[ids] (not exact fkl); then loss, U and W; then the teacher and
-  temperature gradients. Each pass reloads the ids and log-probabilities (K * 8 to 12 bytes) and
-  gathers the K student logits again (from cache).
+  temperature gradients. The first block (ids, gathered logits, log-probabilities) is loaded
+  before sweep 1, which hides its latency; when K <= BLOCK_K (64: the usual top-k) it is the
+  only block and every K pass works on registers. Larger K reload each block per pass
+  (K * 8 to 12 bytes, and K gathered logits from cache).
 * Sweep 2 (student gradient): the dense term of every logit (exact fkl q_j * sum_k p_k, the
   others 0). Its tiles go in reverse order: the tiles sweep 1 read last are re-read first,
   while they are most likely still in L2.
@@ -30,10 +32,10 @@ Kernel layout. One program per row; arithmetic in float32, offsets in int64 (N *
   dense_j + sum of c_k' over every k' with id_k' == j (blocked K x K id compares), so duplicate
   ids add up and the rounded value sweep 2 stored there is never read back.
 
-Bytes moved per row, with e the logit size (2 for bf16 / fp16): exact fkl V e (loss only) or
-2 V e + V e (gradient; sweep 2's read mostly from L2); the other divergences K e gathered, plus
-V e of zeros written with the gradient. Plus K ids, log-probabilities and (teacher gradient)
-float32 outputs.
+Bytes moved per row, with e the logit size (2 for bf16 / fp16): exact fkl V e read (loss only),
+or V e read + V e re-read (sweep 2, from L2 where it still holds the row) + V e written (student
+gradient); the other divergences K e gathered, plus V e of zeros written with the student
+gradient. Plus the K ids and log-probabilities, and the [K] teacher gradient in float32.
 
 Masked rows (valid == False) are never read: loss, gradients and temperature gradient are zeros.
 A counted row with an id outside [0, V) reads and writes nothing there; its loss and every
@@ -46,6 +48,7 @@ Float64 logits are not supported by the Triton backend (use the cpu or cuda back
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -53,7 +56,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .divergence import FKL, JSD, RKL, SKEW_FKL, SKEW_RKL, TVD, _element_terms, _shape_only
+from .divergence import (
+    AUTOTUNE_ENV, FKL, JSD, RKL, SKEW_FKL, SKEW_RKL, TVD, _element_terms, _shape_only,
+)
 
 _DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 _REDUCTIONS = ("mean", "sum", "none")
@@ -107,6 +112,15 @@ def _load_k_block(s_row, ids_row, lp_row, start, K, V, inv_tau, BLOCK_K: tl.cons
 
 
 @triton.jit
+def _k_block(s_row, ids_row, lp_row, start, K, V, inv_tau, first_block,
+             BLOCK_K: tl.constexpr, ONE_K_BLOCK: tl.constexpr):
+    # The K entries' block at `start`: the preloaded first block when it is the only one
+    if ONE_K_BLOCK:
+        return first_block
+    return _load_k_block(s_row, ids_row, lp_row, start, K, V, inv_tau, BLOCK_K)
+
+
+@triton.jit
 def _k_block_terms(a, b, stu_max, stu_log_sum, tea_max, tea_log_sum, coef,
                    DIV: tl.constexpr, RENORMALIZE: tl.constexpr):
     # (q, p, lq, lp, loss, u, v) of one block. Log-probabilities are (x - max) - log(sum), never
@@ -142,15 +156,6 @@ def _fill(ptr, n, value, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _k_block(s_row, ids_row, lp_row, start, K, V, inv_tau, first_block,
-             BLOCK_K: tl.constexpr, ONE_K_BLOCK: tl.constexpr):
-    # The K entries' block at `start`: the preloaded first block when it is the only one
-    if ONE_K_BLOCK:
-        return first_block
-    return _load_k_block(s_row, ids_row, lp_row, start, K, V, inv_tau, BLOCK_K)
-
-
 # The 0/1 flags are plain runtime arguments (no specialization on their values): fewer compiled
 # variants per divergence, gradient set and tile shape.
 @triton.jit(do_not_specialize=["tau_stride", "has_valid", "t2_scale"])
@@ -181,9 +186,9 @@ def _topk_kd_loss_kernel(
     if live:
         tau = tl.load(tau_ptr + row * tau_stride).to(tl.float32)
         inv_tau = 1.0 / tau
-        # The first block of the K entries (ids, gathered logits, log-probabilities) is loaded
-        # before sweep 1 hides its latency; with ONE_K_BLOCK (K <= BLOCK_K, the common case) it is
-        # the only one, and every K pass below works on registers.
+        # The first block of the K entries is loaded now, so that sweep 1 hides its latency; with
+        # ONE_K_BLOCK (K <= BLOCK_K, the common case) it is the only one, and every K pass below
+        # works on registers.
         first_block = _load_k_block(s_row, ids_row, lp_row, 0, K, V, inv_tau, BLOCK_K)
 
         # student statistics: sweep 1 over the full row (exact fkl) or the support (the others)
@@ -329,6 +334,31 @@ def _launch_config(vocab: int, k: int) -> tuple[int, int, int]:
     block_k = min(MAX_BLOCK_K, max(16, triton.next_power_of_2(int(k))))
     num_warps = max(1, min(NUM_WARPS, block_v // 256))  # at least 8 logits per thread
     return block_v, block_k, num_warps
+
+
+def _autotune_configs() -> list:
+    # For the GPU check (KDOPS_TRITON_AUTOTUNE=1): the vocabulary tile and warps of long rows.
+    # They also set how many rows are in flight per SM, hence whether sweep 2's re-read of the
+    # row still hits L2. Every output element is written on each launch, so re-running
+    # configurations while tuning is harmless.
+    return [
+        triton.Config({"BLOCK_V": block_v}, num_warps=warps)
+        for block_v, warps in ((2048, 4), (4096, 8), (4096, 16), (8192, 16), (8192, 32))
+    ]
+
+
+_topk_kd_loss_kernel_autotuned = triton.autotune(
+    configs=_autotune_configs(),
+    key=["V", "K", "DIV", "FULL_VOCAB", "RENORMALIZE", "GRAD_S", "GRAD_T", "GRAD_TAU"],
+)(_topk_kd_loss_kernel)
+
+
+def _use_autotune(vocab: int) -> bool:
+    return (
+        os.environ.get(AUTOTUNE_ENV) == "1"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and int(vocab) > MAX_BLOCK_V
+    )
 
 
 def _divergence_plan(name: str, beta: float, alpha: float) -> tuple[int, bool, float]:
@@ -481,15 +511,21 @@ def topk_kd_loss_triton(
         # scale, so that no output is aliased)
         valid_arg = valid.contiguous() if valid is not None else scale
         block_v, block_k, num_warps = _launch_config(vocab, k)
-        wrap_triton(_topk_kd_loss_kernel)[(rows,)](
+        args = (
             student, student.stride(0), ids, logprobs,
             tau, 0 if tau.dim() == 0 else 1, valid_arg, int(valid is not None), scale,
             loss_rows, g_student, g_teacher, g_tau,
             vocab, k, float(coef), int(bool(t2_scale)),
+        )
+        common = dict(
             DIV=div_id, FULL_VOCAB=full_vocab, RENORMALIZE=bool(renormalize),
             GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher), GRAD_TAU=bool(grad_temperature),
-            BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+            BLOCK_K=block_k, ONE_K_BLOCK=k <= block_k,
         )
+        if _use_autotune(vocab):
+            wrap_triton(_topk_kd_loss_kernel_autotuned)[(rows,)](*args, **common)
+        else:
+            wrap_triton(_topk_kd_loss_kernel)[(rows,)](*args, **common, BLOCK_V=block_v, num_warps=num_warps)
 
     loss = loss_rows if reduction == "none" else loss_rows.sum() * scale
     return loss, g_student, g_teacher, g_tau
