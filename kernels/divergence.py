@@ -50,6 +50,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .scale import reduction_scale
+
 # Divergence ids: the same numbering as kdops::Divergence in csrc/divergence/divergence.h.
 FKL, RKL, JSD, SKEW_FKL, SKEW_RKL, TVD = 0, 1, 2, 3, 4, 5
 _DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
@@ -536,16 +538,7 @@ def kd_loss_triton(
     # A CPU scalar temperature may accompany device logits (a Python float): move it once.
     tau = temperature.to(device).contiguous()
 
-    if reduction == "mean" and normalizer is not None:
-        scale = normalizer.to(device=device, dtype=acc).reciprocal()
-    elif reduction == "mean":
-        if valid is not None:
-            count = valid.sum().to(acc)
-        else:
-            count = torch.full((), rows, dtype=acc, device=device)
-        scale = torch.where(count > 0, count.reciprocal(), torch.zeros_like(count))
-    else:
-        scale = torch.ones((), dtype=acc, device=device)
+    scale = reduction_scale(reduction, valid, normalizer, rows, device)
 
     loss_rows = torch.empty((rows,), dtype=acc, device=device)
     g_student = torch.empty((rows, vocab) if grad_student else (0,), dtype=student.dtype, device=device)

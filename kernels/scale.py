@@ -1,5 +1,5 @@
-"""Backward's scaling of a fused gradient buffer by grad_output, skipped on the device when the
-factor is 1.
+"""Scales of the fused-gradient ops: the reduction's factor folded in by forward, and backward's
+scaling of a fused gradient buffer by grad_output, skipped on the device when the factor is 1.
 
 A fused kd op stores dL/dlogits in forward; backward must multiply it by grad_output. For the
 usual ``loss.backward()`` that factor is exactly 1, but reading it on the host would be a sync.
@@ -40,3 +40,19 @@ def scale_rows_unless_one_(buffer: torch.Tensor, factor: torch.Tensor) -> torch.
     grid = (rows, triton.cdiv(cols, BLOCK))
     _scale_rows_unless_one[grid](buffer, factor, stride, cols, BLOCK=BLOCK, num_warps=8)
     return buffer
+
+
+def reduction_scale(reduction: str, valid, normalizer, rows: int, device) -> torch.Tensor:
+    """The factor a loss op folds into its per-row losses and fused gradients, 0-d float32 on the
+    device (no host sync): mean -> 1 / normalizer, or 1 / number of valid rows (0 when none);
+    sum / none -> 1. The Triton twin of reduction_scale in csrc/common/reduction_op.cpp."""
+    acc = torch.float32
+    if reduction == "mean" and normalizer is not None:
+        return normalizer.to(device=device, dtype=acc).reciprocal()
+    if reduction == "mean":
+        if valid is not None:
+            count = valid.sum().to(acc)
+        else:
+            count = torch.full((), rows, dtype=acc, device=device)
+        return torch.where(count > 0, count.reciprocal(), torch.zeros_like(count))
+    return torch.ones((), dtype=acc, device=device)

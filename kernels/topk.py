@@ -59,6 +59,7 @@ from torch.library import triton_op, wrap_triton
 from .divergence import (
     AUTOTUNE_ENV, FKL, JSD, RKL, SKEW_FKL, SKEW_RKL, TVD, _element_terms, _shape_only,
 )
+from .scale import reduction_scale
 
 _DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 _REDUCTIONS = ("mean", "sum", "none")
@@ -448,19 +449,6 @@ def _check_args(student, ids, logprobs, temperature, valid, normalizer, beta, al
         raise ValueError(f"topk_kd_loss: reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
 
 
-def _reduction_scale(reduction, valid, normalizer, rows, device) -> torch.Tensor:
-    """0-d float32 on the device: 1 / normalizer, 1 / number of valid rows (0 if none), or 1."""
-    if reduction == "mean" and normalizer is not None:
-        return normalizer.to(device=device, dtype=torch.float32).reciprocal()
-    if reduction == "mean":
-        if valid is not None:
-            count = valid.sum().to(torch.float32)
-        else:
-            count = torch.full((), rows, dtype=torch.float32, device=device)
-        return torch.where(count > 0, count.reciprocal(), torch.zeros_like(count))
-    return torch.ones((), dtype=torch.float32, device=device)
-
-
 @triton_op("kdops::topk_kd_loss_triton", mutates_args=())
 def topk_kd_loss_triton(
     student: torch.Tensor,
@@ -499,7 +487,7 @@ def topk_kd_loss_triton(
     logprobs = teacher_logprobs.contiguous()
     # A CPU scalar temperature may accompany device logits (a Python float): move it once.
     tau = temperature.to(device).contiguous()
-    scale = _reduction_scale(reduction, valid, normalizer, rows, device)
+    scale = reduction_scale(reduction, valid, normalizer, rows, device)
 
     loss_rows = torch.empty((rows,), dtype=acc, device=device)
     g_student = torch.empty((rows, vocab) if grad_student else (0,), dtype=student.dtype, device=device)
