@@ -19,21 +19,30 @@
 namespace kdops::cpu::KD_CPU_ISA {
 namespace {
 
+// Elements per block of the full-vocabulary statistics sweep: 8 KiB of float32, well inside L1.
+constexpr int64_t kStatsBlock = 2048;
+
 // Per-call scratch, reused across the rows of one call.
 template <typename Acc>
 struct RowScratch {
-  std::vector<Acc> exps;                       // [V] exp(a - max): fkl's dense gradient term
-  std::vector<int64_t> ids;                    // [K]
-  std::vector<Acc> lq, lp, q, p, u, v;         // [K] per-entry terms
+  std::vector<Acc> exps;        // [V] exp(a - block base): fkl's dense gradient term
+  std::vector<Acc> block_base;  // [V / kStatsBlock] the base of each block's exponentials
+  std::vector<int64_t> ids;     // [K]
+  std::vector<Acc> lq, lp, q, p, u, v;  // [K] per-entry terms
   std::vector<std::pair<int64_t, Acc>> fixes;  // [K] (id, sparse correction c_k), sorted by id
 };
 
+// log(sum_k exp(x_k - m)) with m = max_k x_k returned through max_out; a vectorizable pair of loops
+// (the exponent is <= 0, where the polynomial exp is accurate).
 template <typename Acc>
-Acc log_sum_exp_of(const std::vector<Acc>& x, int64_t n, Acc& max_out) {
+KD_CPU_INLINE Acc log_sum_exp_of(const Acc* x, int64_t n, Acc& max_out) {
+  using M = Math<Acc>;
   Acc m = -std::numeric_limits<Acc>::infinity();
-  for (int64_t k = 0; k < n; ++k) m = std::max(m, x[k]);
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < n; ++k) m = x[k] > m ? x[k] : m;
   Acc sum = 0;
-  for (int64_t k = 0; k < n; ++k) sum += std::exp(x[k] - m);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += M::exp(x[k] - m);
   max_out = m;
   return std::log(sum);
 }
@@ -54,8 +63,16 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
   const Acc coef = static_cast<Acc>(prm.coef);
   const bool full_vocab = full_vocab_student(prm);
 
+  const auto id_at = [&](int64_t r, int64_t k) -> int64_t {
+    return prm.ids_are_int64 ? static_cast<const int64_t*>(prm.ids)[r * K + k]
+                             : static_cast<const int32_t*>(prm.ids)[r * K + k];
+  };
+
   RowScratch<Acc> sc;
-  if (full_vocab && prm.grad_student) sc.exps.resize(V);
+  if (full_vocab && prm.grad_student) {
+    sc.exps.resize(V);
+    sc.block_base.resize((V + kStatsBlock - 1) / kStatsBlock);
+  }
   for (auto* vec : {&sc.lq, &sc.lp, &sc.q, &sc.p, &sc.u, &sc.v}) vec->resize(K);
   sc.ids.resize(K);
   sc.fixes.reserve(K);
@@ -71,10 +88,18 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
 
     bool ids_ok = true;
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t id = prm.ids_are_int64 ? static_cast<const int64_t*>(prm.ids)[r * K + k]
-                                           : static_cast<const int32_t*>(prm.ids)[r * K + k];
+      const int64_t id = id_at(r, k);
       sc.ids[k] = id;
       ids_ok = ids_ok && id >= 0 && id < V;
+    }
+    if (!full_vocab && r + 1 < row_end) {
+      // The support divergences only gather K scattered logits per row, each a likely cache miss:
+      // start the next row's gathers now, so that they overlap this row's arithmetic.
+      const In* next = student + (r + 1) * prm.student_row_stride;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t id = id_at(r + 1, k);
+        if (id >= 0 && id < V) __builtin_prefetch(next + id);
+      }
     }
     const bool counted = !prm.valid || prm.valid[r];
     if (!counted || !ids_ok) {
@@ -89,36 +114,72 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
     const Acc tau = temperature[r * prm.temperature_stride];
     const Acc inv_tau = Acc(1) / tau;
 
-    // teacher: lp = b - logsumexp_K(b) (renormalized) or b, with b = logprobs / tau
-    for (int64_t k = 0; k < K; ++k) sc.lp[k] = logprobs[r * K + k] * inv_tau;
+    // The K-entry loops below are written to vectorize: on the support divergences they are all
+    // the work there is. teacher: lp = b - logsumexp_K(b) (renormalized) or b, b = logprobs / tau
+    Acc* lp = sc.lp.data();
+    Acc* p = sc.p.data();
+    const Acc* row_logprobs = logprobs + r * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) lp[k] = row_logprobs[k] * inv_tau;
     if (prm.renormalize) {
       Acc max_b;
-      const Acc log_sum = log_sum_exp_of(sc.lp, K, max_b);
-      for (int64_t k = 0; k < K; ++k) sc.lp[k] = (sc.lp[k] - max_b) - log_sum;
+      const Acc log_sum = log_sum_exp_of(lp, K, max_b);
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        lp[k] = (lp[k] - max_b) - log_sum;
+        p[k] = M::exp(lp[k]);  // lp <= 0
+      }
+    } else {
+      // as given, possibly > 0 (nonsense for log-probabilities, but not clamped): libm
+      for (int64_t k = 0; k < K; ++k) p[k] = std::exp(lp[k]);
     }
-    for (int64_t k = 0; k < K; ++k) sc.p[k] = std::exp(sc.lp[k]);
 
     // student: log-probabilities at the ids, over the full row (exact fkl) or over the K ids
     Acc dense_sum_qlq = 0;  // full row's sum q log q (the fkl temperature gradient needs it)
     Acc inv_sum = 0;        // 1 / sum exp(a - max) over the full row
+    Acc row_shift = 0;      // max(a) over the full row
     if (full_vocab) {
-      Acc max_z = -kInf;
-#pragma omp simd reduction(max : max_z)
-      for (int64_t j = 0; j < V; ++j) {
-        const Acc z = load(s[j]);
-        max_z = z > max_z ? z : max_z;
-      }
-      const Acc shift = max_z * inv_tau;
+      // Online statistics over blocks small enough to stay in L1 between their two passes (the
+      // block's max, then its exponentials against the running max): the row streams in from
+      // DRAM once, overlapped with the exponentials, instead of a whole-row max sweep that only
+      // waits on memory. Kept exponentials are relative to their block's base; block_base holds
+      // those bases for the gradient sweep.
+      Acc run_max = -kInf;
       Acc sum = 0, sum_ex = 0;
       Acc* exps = sc.exps.empty() ? nullptr : sc.exps.data();
       const auto exp_sweep = [&](auto keep_exps, auto with_entropy) {
-#pragma omp simd reduction(+ : sum, sum_ex)
-        for (int64_t j = 0; j < V; ++j) {
-          const Acc x = load(s[j]) * inv_tau - shift;
-          const Acc e = M::exp(x);
-          if constexpr (decltype(keep_exps)::value) exps[j] = e;
-          sum += e;
-          if constexpr (decltype(with_entropy)::value) sum_ex += e == Acc(0) ? Acc(0) : e * x;
+        for (int64_t begin = 0, b = 0; begin < V; begin += kStatsBlock, ++b) {
+          const int64_t end = std::min(V, begin + kStatsBlock);
+          Acc block_max = -kInf;
+#pragma omp simd reduction(max : block_max)
+          for (int64_t j = begin; j < end; ++j) {
+            const Acc z = load(s[j]);
+            block_max = z > block_max ? z : block_max;
+          }
+          if (block_max > run_max) {  // move the sums to the new base
+            if (run_max == -kInf) {
+              sum = sum_ex = 0;
+            } else {
+              const Acc d = (run_max - block_max) * inv_tau;
+              const Acc f = std::exp(d);
+              if constexpr (decltype(with_entropy)::value) sum_ex = f * (sum_ex + d * sum);
+              sum *= f;
+            }
+            run_max = block_max;
+          }
+          const Acc shift = run_max * inv_tau;
+          if constexpr (decltype(keep_exps)::value) sc.block_base[b] = shift;
+          Acc block_sum = 0, block_ex = 0;
+#pragma omp simd reduction(+ : block_sum, block_ex)
+          for (int64_t j = begin; j < end; ++j) {
+            const Acc x = load(s[j]) * inv_tau - shift;
+            const Acc e = M::exp(x);
+            if constexpr (decltype(keep_exps)::value) exps[j] = e;
+            block_sum += e;
+            if constexpr (decltype(with_entropy)::value) block_ex += e == Acc(0) ? Acc(0) : e * x;
+          }
+          sum += block_sum;
+          sum_ex += block_ex;
         }
       };
       using Yes = std::true_type;
@@ -128,43 +189,63 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
       } else {
         grad_tau_rows ? exp_sweep(No{}, Yes{}) : exp_sweep(No{}, No{});
       }
+      row_shift = run_max * inv_tau;
       const Acc log_sum = std::log(sum);
       inv_sum = Acc(1) / sum;
       dense_sum_qlq = sum_ex * inv_sum - log_sum;
       for (int64_t k = 0; k < K; ++k) {
         // (x - max) - log sum, never x - lse: with large logits the latter loses the low bits
-        sc.lq[k] = (load(s[sc.ids[k]]) * inv_tau - shift) - log_sum;
+        sc.lq[k] = (load(s[sc.ids[k]]) * inv_tau - row_shift) - log_sum;
       }
     } else {
       for (int64_t k = 0; k < K; ++k) sc.lq[k] = load(s[sc.ids[k]]) * inv_tau;
       Acc max_a;
-      const Acc log_sum = log_sum_exp_of(sc.lq, K, max_a);
-      for (int64_t k = 0; k < K; ++k) sc.lq[k] = (sc.lq[k] - max_a) - log_sum;
+      const Acc log_sum = log_sum_exp_of(sc.lq.data(), K, max_a);
+      Acc* lq = sc.lq.data();
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) lq[k] = (lq[k] - max_a) - log_sum;
     }
 
     Acc loss = 0, side_s = 0, side_t = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      sc.q[k] = std::exp(sc.lq[k]);
-      const ElementTerms<Acc> e = element_terms<D, Acc, M>(sc.q[k], sc.p[k], sc.lq[k], sc.lp[k], coef);
-      sc.u[k] = e.u;
-      sc.v[k] = e.v;
-      loss += e.loss;
-      side_s += e.u;
-      side_t += e.v;
+    {
+      const Acc* lq = sc.lq.data();
+      Acc* q = sc.q.data();
+      Acc* u = sc.u.data();
+      Acc* v = sc.v.data();
+#pragma omp simd reduction(+ : loss, side_s, side_t)
+      for (int64_t k = 0; k < K; ++k) {
+        q[k] = M::exp(lq[k]);  // lq <= 0
+        const ElementTerms<Acc> e = element_terms<D, Acc, M>(q[k], p[k], lq[k], lp[k], coef);
+        u[k] = e.u;
+        v[k] = e.v;
+        loss += e.loss;
+        side_s += e.u;
+        side_t += e.v;
+      }
     }
     const Acc t2 = prm.t2_scale ? tau * tau : Acc(1);
     const Acc grad_scale = scale * t2 * inv_tau;
     loss_rows[r] = loss * t2;
 
-    // per-entry gradients: c_k for the student (dense term aside), dL/db_k for the teacher
+    if (!gs && !gt && !grad_tau_rows) continue;
+
+    // per-entry gradients: c_k for the student (dense term aside; written over u), dL/db_k for
+    // the teacher
     Acc tau_sum = full_vocab ? temperature_term(-side_s, dense_sum_qlq) : Acc(0);
-    sc.fixes.clear();
-    for (int64_t k = 0; k < K; ++k) {
-      const Acc c = full_vocab ? sc.u[k] : logit_grad(sc.u[k], sc.q[k], side_s);
-      const Acc db = prm.renormalize ? logit_grad(sc.v[k], sc.p[k], side_t) : sc.v[k];
-      if (gt) gt[k] = db * grad_scale;
-      tau_sum += temperature_term(c, sc.lq[k]) + temperature_term(db, sc.lp[k]);
-      sc.fixes.emplace_back(sc.ids[k], c);
+    {
+      const Acc* lq = sc.lq.data();
+      const Acc* q = sc.q.data();
+      const Acc* v = sc.v.data();
+      Acc* c = sc.u.data();
+      const Acc teacher_side = prm.renormalize ? side_t : Acc(0);  // as given: dL/db = v
+      const Acc student_side = full_vocab ? Acc(0) : side_s;       // exact fkl: c = u
+#pragma omp simd reduction(+ : tau_sum)
+      for (int64_t k = 0; k < K; ++k) {
+        c[k] = logit_grad(c[k], q[k], student_side);
+        const Acc db = logit_grad(v[k], p[k], teacher_side);
+        if (gt) gt[k] = db * grad_scale;
+        tau_sum += temperature_term(c[k], lq[k]) + temperature_term(db, lp[k]);
+      }
     }
     if (grad_tau_rows) {
       // d(t2 L)/dtau = t2' L + t2 dL/dtau with dL/dtau = -tau_sum / tau
@@ -177,20 +258,28 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
     const Acc dense_scale = -side_s * inv_sum * grad_scale;
     if (full_vocab) {
       const Acc* exps = sc.exps.data();
+      for (int64_t begin = 0, b = 0; begin < V; begin += kStatsBlock, ++b) {
+        const int64_t end = std::min(V, begin + kStatsBlock);
+        const Acc block_scale = dense_scale * M::exp(sc.block_base[b] - row_shift);
 #pragma omp simd
-      for (int64_t j = 0; j < V; ++j) gs[j] = store<In, Acc>(exps[j] * dense_scale);
+        for (int64_t j = begin; j < end; ++j) gs[j] = store<In, Acc>(exps[j] * block_scale);
+      }
     } else {
       std::fill(gs, gs + V, store<In, Acc>(Acc(0)));
     }
     // ... then each id once, with every entry naming it summed in Acc: duplicates stay exact and
     // no rounded value is read back
+    sc.fixes.clear();
+    for (int64_t k = 0; k < K; ++k) sc.fixes.emplace_back(sc.ids[k], sc.u[k]);
     std::sort(sc.fixes.begin(), sc.fixes.end(),
               [](const auto& x, const auto& y) { return x.first < y.first; });
     for (size_t i = 0; i < sc.fixes.size();) {
       const int64_t id = sc.fixes[i].first;
       Acc total = 0;
       for (; i < sc.fixes.size() && sc.fixes[i].first == id; ++i) total += sc.fixes[i].second;
-      const Acc dense = full_vocab ? sc.exps[id] * dense_scale : Acc(0);
+      const Acc dense = full_vocab ? sc.exps[id] * dense_scale *
+                                         M::exp(sc.block_base[id / kStatsBlock] - row_shift)
+                                   : Acc(0);
       gs[id] = store<In, Acc>(dense + total * grad_scale);
     }
   }
