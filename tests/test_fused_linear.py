@@ -483,10 +483,11 @@ def test_default_chunk_rows():
     from kdops.fused_linear import default_chunk_rows
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert default_chunk_rows(4096, 32000, cpu) == 256  # 32 MiB of float32 logits
+    assert default_chunk_rows(4096, 32000, cpu) == 512  # 64 MiB of float32 logits
     assert default_chunk_rows(8192, 128256, cuda) == 512  # 256 MiB
     assert default_chunk_rows(100, 32000, cpu) == 100  # never more than N
-    assert default_chunk_rows(4096, 10**7, cuda) == 64  # never fewer than 64 rows
+    assert default_chunk_rows(4096, 10**7, cuda) == 512  # never fewer than 512 rows
+    assert default_chunk_rows(4096, 16000, cpu) == 1024  # a multiple of 64 rows
 
 
 # --------------------------------------------------------------------------------------------
