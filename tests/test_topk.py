@@ -541,12 +541,14 @@ def test_double_backward_raises():
         torch.autograd.grad(loss, s, create_graph=True)
 
 
-def test_reference_backend_and_module_free_call():
+def test_reference_backend_and_module():
     s, ids, lp = _small()
     with kdops.use_backend("reference"):
-        ref = kdops.topk_kd_loss(s, ids, lp, temperature=2.0)
-    out = kdops.topk_kd_loss(s, ids, lp, temperature=2.0)
+        ref = kdops.topk_kd_loss(s, ids, lp, temperature=2.0, divergence="tvd")
+    out = kdops.topk_kd_loss(s, ids, lp, temperature=2.0, divergence="tvd")
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
+    module = kdops.nn.TopKKDLoss("tvd", temperature=2.0)
+    torch.testing.assert_close(module(s, ids, lp), out)
 
 
 def test_no_grad_computes_no_gradient():

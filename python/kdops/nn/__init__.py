@@ -2,5 +2,6 @@
 
 from .divergence import KDLoss
 from .fused_linear import FusedLinearKDLoss
+from .topk import TopKKDLoss
 
-__all__ = ["FusedLinearKDLoss", "KDLoss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "TopKKDLoss"]
