@@ -45,6 +45,29 @@ TORCH_LIBRARY(kdops, m) {
       "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_temperature)",
       {at::Tag::pt2_compliant_tag});
+
+  // Exact top-fraction selection (DESIGN.md 3.7): a bool mask over scores [N], true where the score
+  // is >= torch.quantile(valid scores, 1 - fraction) (linear interpolation, ties kept); valid
+  // [N] bool or None. No limit on N; no full sort.
+  m.def("select_top_fraction(Tensor scores, float fraction, Tensor? valid) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+
+  // AdaSPEC's per-token statistics (DESIGN.md 3.7) in one read of the three [rows, vocab] logit
+  // tensors: KL(p || q_draft) and KL(p || q_reference) per row, p = softmax(target / tau), in the
+  // accumulate dtype; 0 for rows that are not valid.
+  m.def(
+      "adaspec_token_kl(Tensor draft, Tensor reference, Tensor target, Tensor temperature, "
+      "Tensor? valid) -> (Tensor draft_kl, Tensor reference_kl)",
+      {at::Tag::pt2_compliant_tag});
+
+  // Token log-probabilities of the labels (DESIGN.md 3.8): log_softmax(logits [rows, vocab])[label]
+  // per row without materializing log-probabilities (0 where label == ignore_index), and, when
+  // grad is set, d logprob / d logits = onehot(label) - softmax [rows, vocab] in the input dtype
+  // (zero rows where ignored; empty [0] otherwise).
+  m.def(
+      "sequence_logprob(Tensor logits, Tensor labels, int ignore_index, bool grad) "
+      "-> (Tensor token_logprob, Tensor grad_logits)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 extern "C" PyObject* PyInit__C(void) {
