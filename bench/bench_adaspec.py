@@ -1,0 +1,278 @@
+"""Benchmark of kdops.adaspec_loss (AdaSPEC's token-filtered distillation) against the eager
+PyTorch form of the same step, and torch.compile of it.
+
+The peer step (the released AdaSPECTrainer.compute_loss, github.com/yuezhouhu/adaspec): three
+float32 log_softmax, two kl_div summed over the vocabulary, torch.quantile of the score
+differences over the counted tokens, and the mean of the kept draft KLs. kdops reads the three
+logit tensors once for both KLs, selects in O(N), and runs the fused forward-KL kernel on the kept
+rows only (gradient stored in forward, zero rows elsewhere).
+
+Each provider runs in its own process (bench/_harness.py): time of forward and of forward +
+backward (median), and peak memory with the inputs included, as a ratio to inputs + one gradient
+buffer. The floor of a fused step is reading the three tensors once (+ the kept fraction of draft
+and target again and one gradient write); on CUDA, a device-to-device copy measured in the same
+run gives the bandwidth, and each result is also reported as that floor's time over its own.
+
+    python bench/bench_adaspec.py                   # CPU plan: 4096 x 32000 fp32
+    python bench/bench_adaspec.py --quick           # CI smoke test (tiny shapes)
+    python bench/bench_adaspec.py --device cuda     # GPU plan: 8192 x 32000 bf16
+
+Targets: GPU >= 3x eager's speed at <= 1/3 of its peak memory; CPU >= 3x eager's speed.
+Writes bench/results/adaspec_<device>[_quick].{json,md} (and a PNG unless --no-plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROVIDERS = {"cpu": "kdops,eager,compile", "cuda": "kdops:cuda,kdops:triton,eager,compile"}
+PASSES = ("fwd", "fwd_bwd")
+CPU_PLAN = ["4096x32000:fp32"]
+GPU_PLAN = ["8192x32000:bf16"]
+QUICK_PLAN = ["64x1000:fp32"]
+COUNTED = 0.9  # share of tokens with a label (the rest are prompt / padding)
+
+
+def parse_shape(spec: str) -> tuple[int, int, str]:
+    dims, _, dtype = spec.partition(":")
+    n, v = (int(x) for x in dims.split("x"))
+    return n, v, dtype or "fp32"
+
+
+# --------------------------------------------------------------------------------------------------
+# The peer step
+
+
+def eager_adaspec_loss(draft, reference, target, valid, fraction: float, temperature: float):
+    import torch
+    import torch.nn.functional as F
+
+    log_p = torch.log_softmax(target.float() / temperature, dim=-1)
+    p = log_p.exp()
+    draft_kl = F.kl_div(torch.log_softmax(draft.float() / temperature, dim=-1), p, reduction="none").sum(-1)
+    reference_kl = F.kl_div(torch.log_softmax(reference.float() / temperature, dim=-1), p,
+                            reduction="none").sum(-1)
+    scores = (draft_kl - reference_kl).detach()
+    kept = valid & (scores >= torch.quantile(scores[valid], 1.0 - fraction))
+    return (draft_kl * kept).sum() / kept.sum().clamp(min=1)
+
+
+def make_loss_fn(provider: str, args):
+    if provider.split(":")[0] == "kdops":  # kdops (default backend) or kdops:<backend>
+        import kdops
+
+        backend = provider.partition(":")[2] or None
+
+        def fused(d, r, t, valid):
+            with kdops.use_backend(backend) if backend else contextlib.nullcontext():
+                return kdops.adaspec_loss(d, r, t, fraction=args.fraction, mask=valid,
+                                          temperature=args.temperature)
+
+        return fused
+    if provider == "eager":
+        return lambda d, r, t, valid: eager_adaspec_loss(d, r, t, valid, args.fraction, args.temperature)
+    if provider == "compile":
+        import torch
+
+        compiled = torch.compile(eager_adaspec_loss, backend=args.compile_backend, dynamic=False)
+        return lambda d, r, t, valid: compiled(d, r, t, valid, args.fraction, args.temperature)
+    raise ValueError(provider)
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker: one provider, every case of the plan
+
+
+def worker_main(args) -> int:
+    import torch
+
+    provider = args.worker[0]
+    device = args.device
+    hwm_ok = device.startswith("cuda") or H.cpu_hwm_resettable()
+    fn = make_loss_fn(provider, args)
+    for spec in args.worker[1].split(","):
+        n, v, dt = parse_shape(spec)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        dtype = H.torch_dtype(dt)
+        target = torch.randn(n, v, device=device, generator=gen) * 2.0
+        # students: the target plus noise of a size that varies by token
+        draft = (target + torch.randn(n, v, device=device, generator=gen)
+                 * torch.rand(n, 1, device=device, generator=gen)).to(dtype)
+        reference = (target + torch.randn(n, v, device=device, generator=gen)
+                     * torch.rand(n, 1, device=device, generator=gen)).to(dtype)
+        target = target.to(dtype)
+        valid = torch.rand(n, device=device, generator=gen) < COUNTED
+        input_bytes = 3 * draft.nbytes + valid.nbytes
+        reps = args.reps or (1 if args.quick else (10 if device.startswith("cuda") else 3))
+        for pass_ in PASSES:
+            rec: dict[str, Any] = dict(provider=provider, N=n, V=v, dtype=dt, pass_=pass_,
+                                       fraction=args.fraction, input_bytes=input_bytes,
+                                       grad_bytes=draft.nbytes if pass_ == "fwd_bwd" else 0)
+            rec["budget_bytes"] = rec["input_bytes"] + rec["grad_bytes"]
+            try:
+                rec.update(run_case(fn, draft, reference, target, valid, pass_, device, reps, hwm_ok))
+                rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
+                rec["peak_ratio"] = rec["peak_bytes"] / rec["budget_bytes"]
+            except Exception as e:  # e.g. out of memory: a row with the error
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            H.emit_result(rec)
+            gc.collect()
+        del draft, reference, target, valid
+        gc.collect()
+    return 0
+
+
+def run_case(fn, draft, reference, target, valid, pass_: str, device: str, reps: int, hwm_ok: bool):
+    d = draft if pass_ == "fwd" else draft.detach().requires_grad_(True)
+
+    def setup():
+        d.grad = None
+
+    def call():
+        loss = fn(d, reference, target, valid)
+        if pass_ == "fwd_bwd":
+            loss.backward()
+        return loss
+
+    out: dict[str, Any] = {}
+    setup()
+    t0 = time.perf_counter()
+    loss = call()  # compiles (compile provider); its value is cross-checked between providers
+    H.synchronize(device)
+    out["first_call_s"] = time.perf_counter() - t0
+    out["loss"] = float(loss.detach().float())
+    del loss
+    mem = H.PeakMemory(device) if hwm_ok else None
+    times = H.time_fn(call, device=device, reps=reps, warmup=1, setup=setup, memory=mem)
+    out.update(H.summarize_times(times))
+    if mem is not None:
+        out.update(mem_extra_bytes=mem.extra, mem_method=mem.method)
+    else:
+        out.update(mem_extra_bytes=0, mem_method="unavailable")
+    setup()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent: run the workers, report
+
+
+def floor_bytes(r: dict) -> float:
+    """Least traffic of the fused step: the three tensors once; with the gradient also the kept
+    share of draft and target again and one gradient write."""
+    elem = 4 if r["dtype"] == "fp32" else 2
+    row = r["V"] * elem
+    reads = 3 * r["N"] * row
+    if r["pass_"] == "fwd_bwd":
+        reads += 2 * r["fraction"] * COUNTED * r["N"] * row
+        return reads + r["N"] * row
+    return reads
+
+
+def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list[str]]]:
+    key = lambda r: (r["N"], r["V"], r["dtype"], r["pass_"])  # noqa: E731
+    eager = {key(r): r for r in results if r["provider"] == "eager" and "error" not in r}
+    bw = copy["bandwidth_Bps"] if copy and "bandwidth_Bps" in copy else None
+    headers = ["case", "pass", "provider", "time", "vs eager", "peak", "peak/budget", "peak/eager"]
+    if bw:
+        headers.append("floor/time")
+    rows = []
+    for r in results:
+        case = f"{r['N']}x{r['V']} {r['dtype']}"
+        if "error" in r:
+            rows.append([case, r["pass_"], r["provider"], r["error"][:60]] + [""] * (len(headers) - 4))
+            continue
+        base = eager.get(key(r))
+        speed = base["median_s"] / r["median_s"] if base else None
+        mem = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None
+        row = [case, r["pass_"], r["provider"], H.fmt_time(r["median_s"]), H.fmt_ratio(speed),
+               H.fmt_mb(r["peak_bytes"]), H.fmt_ratio(r["peak_ratio"]), H.fmt_ratio(mem)]
+        if bw:
+            row.append(H.fmt_ratio(floor_bytes(r) / bw / r["median_s"]))
+        rows.append(row)
+    return headers, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
+    ap.add_argument("--shapes", help="comma list of NxV[:dtype]")
+    ap.add_argument("--providers", help="comma list of kdops, kdops:<backend>, eager, compile "
+                    f"(default cpu: {PROVIDERS['cpu']}; cuda: {PROVIDERS['cuda']})")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--fraction", type=float, default=0.4)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-backend", default=None)
+    ap.add_argument("--copy-mib", type=float, default=2048.0)
+    ap.add_argument("--worker-timeout", type=float, default=None,
+                    help="seconds per provider's worker (default cpu 3600, cuda 120); a worker "
+                    "stopped at it keeps the rows it finished")
+    ap.add_argument("--out")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    if args.worker:
+        return worker_main(args)
+
+    cuda = args.device.startswith("cuda")
+    args.providers = args.providers or PROVIDERS["cuda" if cuda else "cpu"]
+    plan = args.shapes.split(",") if args.shapes else (QUICK_PLAN if args.quick else
+                                                         GPU_PLAN if cuda else CPU_PLAN)
+    tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
+    out = args.out or os.path.join(HERE, "results", f"adaspec_{tag}.json")
+    worker_args = ["--device", args.device, "--fraction", str(args.fraction), "--temperature",
+                   str(args.temperature), "--seed", str(args.seed), "--compile-backend",
+                   args.compile_backend]
+    worker_args += ["--quick"] if args.quick else []
+    worker_args += ["--reps", str(args.reps)] if args.reps else []
+
+    copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20)) if cuda else None
+    results: list[dict] = []
+    for provider in args.providers.split(","):
+        records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
+                                      timeout=args.worker_timeout or (120 if cuda else 3600))
+        results += records
+        if error:
+            print(f"note: {provider}: {error}", file=sys.stderr)
+
+    headers, rows = report(results, copy)
+    print(H.format_table(headers, rows))
+    info = H.machine_info(args.device)
+    H.write_json(out, {"machine": info, "copy": copy, "results": results, "argv": sys.argv[1:]})
+    md = os.path.splitext(out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"# adaspec_loss benchmark ({info.get('device_name', args.device)})\n\n")
+        f.write(f"fraction={args.fraction}, {COUNTED:.0%} of tokens counted. Times are medians; "
+                "`vs eager` is the speedup over the eager PyTorch step in the same run; peak includes "
+                "the inputs, budget = inputs + one gradient buffer.\n\n")
+        f.write(H.format_markdown_table(headers, rows) + "\n")
+    if not args.no_plot:
+        groups = sorted({(r["N"], r["V"], r["dtype"], r["pass_"]) for r in results if "error" not in r})
+        labels = [f"{n}x{v} {dt} {p}" for n, v, dt, p in groups]
+        series = {}
+        for prov in args.providers.split(","):
+            by = {(r["N"], r["V"], r["dtype"], r["pass_"]): r["median_s"]
+                  for r in results if r["provider"] == prov and "error" not in r}
+            series[prov] = [by.get(g) for g in groups]
+        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
+                    title=f"adaspec_loss on {info.get('device_name', args.device)}", log=True)
+    print(f"wrote {out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
