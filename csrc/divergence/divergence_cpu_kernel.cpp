@@ -73,8 +73,9 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
       max_s = zs > max_s ? zs : max_s;
       max_t = zt > max_t ? zt : max_t;
     }
-    const Acc shift_s = max_s * inv_tau;
-    const Acc shift_t = max_t * inv_tau;
+    // Logits are shifted before they are scaled, (z - max) / tau: the row's maximum then maps to
+    // exactly 0 (z / tau - max / tau, contracted into an fma, leaves its rounding error there,
+    // and equal rows or V = 1 would not give exactly 0).
 
     // sweep 2: exponentials (kept when a later sweep reads them: every divergence but a
     // forward-only fkl / rkl), their sums, and for fkl / rkl the loss numerator
@@ -83,8 +84,8 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
       Acc sum_s = 0, sum_t = 0, cross = 0;
 #pragma omp simd reduction(+ : sum_s, sum_t, cross)
       for (int64_t k = 0; k < V; ++k) {
-        const Acc xs = load(s[k]) * inv_tau - shift_s;
-        const Acc xt = load(t[k]) * inv_tau - shift_t;
+        const Acc xs = (load(s[k]) - max_s) * inv_tau;
+        const Acc xt = (load(t[k]) - max_t) * inv_tau;
         const Acc es = M::exp(xs);
         const Acc et = M::exp(xt);
         if constexpr (decltype(keep_exps)::value) {
@@ -121,9 +122,10 @@ void rows_kernel(const DivergenceParams& prm, int64_t row_begin, int64_t row_end
     auto terms_at = [&](int64_t k, Acc& q, Acc& p, Acc& lq, Acc& lp) __attribute__((always_inline)) {
       q = ea[k] * inv_sum_s;
       p = eb[k] * inv_sum_t;
-      // (x - max) - log sum, never x - lse: with large logits the latter loses the low bits
-      lq = (load(s[k]) * inv_tau - shift_s) - log_sum_s;
-      lp = (load(t[k]) * inv_tau - shift_t) - log_sum_t;
+      // (z - max) / tau - log sum, never z / tau - lse: with large logits the latter loses the
+      // low bits
+      lq = (load(s[k]) - max_s) * inv_tau - log_sum_s;
+      lp = (load(t[k]) - max_t) * inv_tau - log_sum_t;
       return element_terms<D, Acc, M>(q, p, lq, lp, coef);
     };
 

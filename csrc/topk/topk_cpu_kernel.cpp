@@ -137,7 +137,7 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
     // student: log-probabilities at the ids, over the full row (exact fkl) or over the K ids
     Acc dense_sum_qlq = 0;  // full row's sum q log q (the fkl temperature gradient needs it)
     Acc inv_sum = 0;        // 1 / sum exp(a - max) over the full row
-    Acc row_shift = 0;      // max(a) over the full row
+    Acc row_max = 0;        // max(z) over the full row
     if (full_vocab) {
       // Online statistics over blocks small enough to stay in L1 between their two passes (the
       // block's max, then its exponentials against the running max): the row streams in from
@@ -167,12 +167,13 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
             }
             run_max = block_max;
           }
-          const Acc shift = run_max * inv_tau;
-          if constexpr (decltype(keep_exps)::value) sc.block_base[b] = shift;
+          // shifted before scaling: the maximum maps to exactly 0 (see divergence_cpu_kernel.cpp)
+          const Acc base = run_max;
+          if constexpr (decltype(keep_exps)::value) sc.block_base[b] = base;
           Acc block_sum = 0, block_ex = 0;
 #pragma omp simd reduction(+ : block_sum, block_ex)
           for (int64_t j = begin; j < end; ++j) {
-            const Acc x = load(s[j]) * inv_tau - shift;
+            const Acc x = (load(s[j]) - base) * inv_tau;
             const Acc e = M::exp(x);
             if constexpr (decltype(keep_exps)::value) exps[j] = e;
             block_sum += e;
@@ -189,13 +190,13 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
       } else {
         grad_tau_rows ? exp_sweep(No{}, Yes{}) : exp_sweep(No{}, No{});
       }
-      row_shift = run_max * inv_tau;
+      row_max = run_max;
       const Acc log_sum = std::log(sum);
       inv_sum = Acc(1) / sum;
       dense_sum_qlq = sum_ex * inv_sum - log_sum;
       for (int64_t k = 0; k < K; ++k) {
         // (x - max) - log sum, never x - lse: with large logits the latter loses the low bits
-        sc.lq[k] = (load(s[sc.ids[k]]) * inv_tau - row_shift) - log_sum;
+        sc.lq[k] = (load(s[sc.ids[k]]) - row_max) * inv_tau - log_sum;
       }
     } else {
       for (int64_t k = 0; k < K; ++k) sc.lq[k] = load(s[sc.ids[k]]) * inv_tau;
@@ -260,7 +261,7 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
       const Acc* exps = sc.exps.data();
       for (int64_t begin = 0, b = 0; begin < V; begin += kStatsBlock, ++b) {
         const int64_t end = std::min(V, begin + kStatsBlock);
-        const Acc block_scale = dense_scale * M::exp(sc.block_base[b] - row_shift);
+        const Acc block_scale = dense_scale * M::exp((sc.block_base[b] - row_max) * inv_tau);
 #pragma omp simd
         for (int64_t j = begin; j < end; ++j) gs[j] = store<In, Acc>(exps[j] * block_scale);
       }
@@ -277,9 +278,10 @@ void rows_kernel(const TopKParams& prm, int64_t row_begin, int64_t row_end) {
       const int64_t id = sc.fixes[i].first;
       Acc total = 0;
       for (; i < sc.fixes.size() && sc.fixes[i].first == id; ++i) total += sc.fixes[i].second;
-      const Acc dense = full_vocab ? sc.exps[id] * dense_scale *
-                                         M::exp(sc.block_base[id / kStatsBlock] - row_shift)
+      const Acc block_to_row = full_vocab
+                                   ? M::exp((sc.block_base[id / kStatsBlock] - row_max) * inv_tau)
                                    : Acc(0);
+      const Acc dense = full_vocab ? sc.exps[id] * dense_scale * block_to_row : Acc(0);
       gs[id] = store<In, Acc>(dense + total * grad_scale);
     }
   }
