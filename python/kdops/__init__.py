@@ -9,9 +9,12 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.kdops)
 from . import nn, reference
 from ._backend import BACKENDS, available_backends, use_backend
+from .adaspec import adaspec_loss
 from .divergence import kd_loss
 from .fused_linear import fused_linear_kd_loss
+from .selection import select_top_fraction
+from .sequence import sequence_logprob
 from .topk import topk_kd_loss
 
-__all__ = ["BACKENDS", "available_backends", "fused_linear_kd_loss", "kd_loss", "nn", "reference", "topk_kd_loss", "use_backend"]
+__all__ = ["BACKENDS", "adaspec_loss", "available_backends", "fused_linear_kd_loss", "kd_loss", "nn", "reference", "select_top_fraction", "sequence_logprob", "topk_kd_loss", "use_backend"]
 __version__ = "0.1.0"

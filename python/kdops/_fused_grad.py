@@ -1,4 +1,4 @@
-"""Autograd shared by the fused-gradient loss ops (kd_loss, topk_kd_loss).
+"""Autograd shared by the fused-gradient ops (kd_loss, topk_kd_loss, sequence_logprob, ...).
 
 These ops return ``(loss, grad_0, grad_1, ...)``: the forward pass already stored each requested
 gradient, multiplied by the reduction's scale. Backward only multiplies a stored gradient by
@@ -20,8 +20,9 @@ class FusedGradOp:
     """Where an op's schema keeps what backward needs.
 
     ``grad_inputs``: positions of the differentiable inputs, in the order of the op's gradient
-    outputs and of its ``grad_*`` flags (the last one is the temperature: one value per row,
-    summed for a 0-d temperature). ``reduction``: position of the reduction string.
+    outputs and of its ``grad_*`` flags; with ``temperature`` the last one is the temperature (one
+    value per row, summed for a 0-d temperature). ``reduction``: position of the reduction
+    string, or None for an op whose loss output is always per row (as reduction="none").
     ``first_flag``: position of the first ``grad_*`` flag. ``names``: for error messages.
     """
 
@@ -29,8 +30,9 @@ class FusedGradOp:
     num_args: int
     grad_inputs: tuple[int, ...]
     names: tuple[str, ...]
-    reduction: int
+    reduction: int | None
     first_flag: int
+    temperature: bool = True
 
 
 def _graph_is_kept() -> bool:
@@ -59,6 +61,18 @@ def _is_cpu_one(grad: torch.Tensor) -> bool:
     return grad.device.type == "cpu" and grad.dim() == 0 and bool(grad == 1)
 
 
+def _mul_rows_(buffer: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """buffer [N, V] *= factor [N, 1], in place, rounded once. A half-precision buffer times a
+    float32 factor column promotes to float32, which a plain in-place mul_ does through [N, V]
+    float32 temporaries (several times slower on the CPU): here a block of rows at a time."""
+    if buffer.dtype == factor.dtype or buffer.dim() != 2 or buffer.shape[0] != factor.shape[0]:
+        return buffer.mul_(factor)
+    block = max(1, (1 << 18) // max(1, buffer.shape[-1]))  # about 1 MiB of float32 per block
+    for rows, row_factor in zip(buffer.split(block), factor.split(block)):
+        rows.copy_(rows.to(factor.dtype).mul_(row_factor))
+    return buffer
+
+
 def register_fused_autograd(op, spec: FusedGradOp) -> None:
     """Register the fused-gradient backward for `op` (a C++ op name or a triton_op)."""
     count = len(spec.grad_inputs)
@@ -70,8 +84,8 @@ def register_fused_autograd(op, spec: FusedGradOp) -> None:
         ctx.mark_non_differentiable(*buffers)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*buffers)
-        ctx.per_row = inputs[spec.reduction] == "none"
-        ctx.temperature_is_scalar = inputs[spec.grad_inputs[-1]].dim() == 0
+        ctx.per_row = spec.reduction is None or inputs[spec.reduction] == "none"
+        ctx.temperature_is_scalar = spec.temperature and inputs[spec.grad_inputs[-1]].dim() == 0
         ctx.flags = inputs[spec.first_flag : spec.first_flag + count]
 
     def backward(ctx, grad_loss, *_unused):
@@ -108,12 +122,12 @@ def register_fused_autograd(op, spec: FusedGradOp) -> None:
                 from .kernels.scale import scale_rows_unless_one_
 
                 return scale_rows_unless_one_(buffer, grad_loss)
-            return buffer.mul_(factor)
+            return _mul_rows_(buffer, factor) if ctx.per_row else buffer.mul_(factor)
 
         for j, (position, need) in enumerate(zip(spec.grad_inputs, needed)):
             if not need:
                 continue
-            if j == count - 1:  # temperature: per-row values
+            if spec.temperature and j == count - 1:  # temperature: per-row values
                 d_tau = buffers[j] * grad_loss
                 grads[position] = d_tau.sum() if ctx.temperature_is_scalar else d_tau
             else:

@@ -5,8 +5,11 @@ computed in float64 with plain autograd-differentiable PyTorch. They are also us
 ``"reference"`` backend; they are not meant to be fast.
 """
 
+from .adaspec import adaspec_loss, adaspec_token_kl
 from .divergence import DIVERGENCES, REDUCTIONS, kd_loss
 from .fused_linear import fused_linear_kd_loss
+from .selection import select_top_fraction
+from .sequence import sequence_logprob
 from .topk import topk_kd_loss
 
-__all__ = ["DIVERGENCES", "REDUCTIONS", "fused_linear_kd_loss", "kd_loss", "topk_kd_loss"]
+__all__ = ["DIVERGENCES", "REDUCTIONS", "adaspec_loss", "adaspec_token_kl", "fused_linear_kd_loss", "kd_loss", "select_top_fraction", "sequence_logprob", "topk_kd_loss"]

@@ -1,0 +1,256 @@
+"""Benchmark of kdops.sequence_logprob (per-sequence log-probability of the labels, MiniPLM's
+scoring) against the PyTorch code that scores sequences today, eager and under torch.compile.
+
+The peer pipeline: upcast the logits to float32, log_softmax over the vocabulary, gather at the
+labels, zero the ignored positions and average each sequence over its valid ones. kdops reads the
+logits once (one online max / sum-exp sweep per row plus the label's logit) and, when the logits
+require grad, writes d logprob / d logits in the same launch.
+
+Passes: ``fwd`` is inference (the logits do not require grad: scoring a corpus); ``fwd_bwd`` is
+forward + backward of -mean(score). Each provider runs in its own process (bench/_harness.py):
+median time and peak memory with the inputs included, as a ratio to inputs + one gradient buffer
+(fwd: inputs alone). The floor of a fused kernel is reading the logits once (+ writing their
+gradient once); on CUDA a device-to-device copy measured in the same run gives the bandwidth, and
+each result is also reported as that floor's time over its own.
+
+    python bench/bench_sequence.py                    # CPU default plan
+    python bench/bench_sequence.py --quick            # CI smoke test (tiny shapes)
+    python bench/bench_sequence.py --device cuda      # GPU plan: 8 x 1024 x 128256 bf16
+
+Writes bench/results/sequence_<device>[_quick].{json,md} (and a PNG unless --no-plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROVIDERS = {"cpu": "kdops,eager,compile", "cuda": "kdops:cuda,kdops:triton,eager,compile"}
+PASSES = ("fwd", "fwd_bwd")
+CPU_PLAN = ["4x512x32000:fp32", "4x512x32000:bf16"]
+GPU_PLAN = ["8x1024x128256:bf16", "2x1024x128256:bf16"]
+QUICK_PLAN = ["2x32x1000:fp32"]
+IGNORE = -100
+
+
+def parse_shape(spec: str) -> tuple[int, int, int, str]:
+    dims, _, dtype = spec.partition(":")
+    b, t, v = (int(x) for x in dims.split("x"))
+    return b, t, v, dtype or "fp32"
+
+
+# --------------------------------------------------------------------------------------------------
+# The peer pipeline
+
+
+def eager_sequence_logprob(logits, labels):
+    import torch
+
+    valid = labels != IGNORE
+    safe = torch.where(valid, labels, 0)
+    token = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    token = torch.where(valid, token, 0.0)
+    return token.sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def make_score_fn(provider: str, args):
+    if provider.split(":")[0] == "kdops":  # kdops (default backend) or kdops:<backend>
+        import kdops
+
+        backend = provider.partition(":")[2] or None
+
+        def fused(logits, labels):
+            with kdops.use_backend(backend) if backend else contextlib.nullcontext():
+                return kdops.sequence_logprob(logits, labels)
+
+        return fused
+    if provider == "eager":
+        return eager_sequence_logprob
+    if provider == "compile":
+        import torch
+
+        return torch.compile(eager_sequence_logprob, backend=args.compile_backend, dynamic=False)
+    raise ValueError(provider)
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker: one provider, every case of the plan
+
+
+def worker_main(args) -> int:
+    import torch
+
+    provider = args.worker[0]
+    device = args.device
+    hwm_ok = device.startswith("cuda") or H.cpu_hwm_resettable()
+    fn = make_score_fn(provider, args)
+    for spec in args.worker[1].split(","):
+        b, t, v, dt = parse_shape(spec)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        logits = (torch.randn(b, t, v, device=device, generator=gen) * 2.0).to(H.torch_dtype(dt))
+        labels = torch.randint(0, v, (b, t), device=device, generator=gen)
+        labels[:, : t // 8] = IGNORE  # a prompt that does not count
+        input_bytes = logits.nbytes + labels.nbytes
+        reps = args.reps or (1 if args.quick else (10 if device.startswith("cuda") else 3))
+        for pass_ in PASSES:
+            rec: dict[str, Any] = dict(provider=provider, B=b, T=t, V=v, dtype=dt, pass_=pass_,
+                                       input_bytes=input_bytes,
+                                       grad_bytes=logits.nbytes if pass_ == "fwd_bwd" else 0)
+            rec["budget_bytes"] = rec["input_bytes"] + rec["grad_bytes"]
+            try:
+                rec.update(run_case(fn, logits, labels, pass_, device, reps, hwm_ok))
+                rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
+                rec["peak_ratio"] = rec["peak_bytes"] / rec["budget_bytes"]
+            except Exception as e:  # e.g. out of memory: a row with the error
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            H.emit_result(rec)
+            gc.collect()
+        del logits, labels
+        gc.collect()
+    return 0
+
+
+def run_case(fn, logits, labels, pass_: str, device: str, reps: int, hwm_ok: bool):
+    z = logits if pass_ == "fwd" else logits.detach().requires_grad_(True)
+
+    def setup():
+        z.grad = None
+
+    def call():
+        score = fn(z, labels)
+        if pass_ == "fwd_bwd":
+            (-score.mean()).backward()
+        return score
+
+    out: dict[str, Any] = {}
+    setup()
+    t0 = time.perf_counter()
+    score = call()  # compiles (compile provider); its mean is cross-checked between providers
+    H.synchronize(device)
+    out["first_call_s"] = time.perf_counter() - t0
+    out["score_mean"] = float(score.detach().float().mean())
+    del score
+    mem = H.PeakMemory(device) if hwm_ok else None
+    times = H.time_fn(call, device=device, reps=reps, warmup=1, setup=setup, memory=mem)
+    out.update(H.summarize_times(times))
+    if mem is not None:
+        out.update(mem_extra_bytes=mem.extra, mem_method=mem.method)
+    else:
+        out.update(mem_extra_bytes=0, mem_method="unavailable")
+    setup()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent: run the workers, report
+
+
+def case_key(r: dict) -> tuple:
+    return r["B"], r["T"], r["V"], r["dtype"], r["pass_"]
+
+
+def floor_bytes(r: dict) -> int:
+    """Least traffic of a fused kernel: read the logits once (+ write their gradient)."""
+    elem = 4 if r["dtype"] == "fp32" else 2
+    return r["B"] * r["T"] * r["V"] * elem * (2 if r["pass_"] == "fwd_bwd" else 1)
+
+
+def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list[str]]]:
+    eager = {case_key(r): r for r in results if r["provider"] == "eager" and "error" not in r}
+    bw = copy["bandwidth_Bps"] if copy and "bandwidth_Bps" in copy else None
+    headers = ["case", "pass", "provider", "time", "vs eager", "peak", "peak/budget", "score"]
+    if bw:
+        headers.append("floor/time")
+    rows = []
+    for r in results:
+        case = f"{r['B']}x{r['T']}x{r['V']} {r['dtype']}"
+        if "error" in r:
+            rows.append([case, r["pass_"], r["provider"], r["error"][:60]] + [""] * (len(headers) - 4))
+            continue
+        base = eager.get(case_key(r))
+        speed = base["median_s"] / r["median_s"] if base else None
+        row = [case, r["pass_"], r["provider"], H.fmt_time(r["median_s"]), H.fmt_ratio(speed),
+               H.fmt_mb(r["peak_bytes"]), H.fmt_ratio(r["peak_ratio"]), f"{r['score_mean']:.5f}"]
+        if bw:
+            row.append(H.fmt_ratio(floor_bytes(r) / bw / r["median_s"]))
+        rows.append(row)
+    return headers, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
+    ap.add_argument("--shapes", help="comma list of BxTxV[:dtype]")
+    ap.add_argument("--providers", help="comma list of kdops, kdops:<backend>, eager, compile "
+                    f"(default cpu: {PROVIDERS['cpu']}; cuda: {PROVIDERS['cuda']})")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-backend", default=None)
+    ap.add_argument("--copy-mib", type=float, default=2048.0)
+    ap.add_argument("--worker-timeout", type=float, default=None,
+                    help="seconds per provider's worker (default cpu 3600, cuda 60); a worker "
+                    "stopped at it keeps the rows it finished")
+    ap.add_argument("--out")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    if args.worker:
+        return worker_main(args)
+
+    cuda = args.device.startswith("cuda")
+    args.providers = args.providers or PROVIDERS["cuda" if cuda else "cpu"]
+    plan = args.shapes.split(",") if args.shapes else (QUICK_PLAN if args.quick else
+                                                         GPU_PLAN if cuda else CPU_PLAN)
+    tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
+    out = args.out or os.path.join(HERE, "results", f"sequence_{tag}.json")
+    worker_args = ["--device", args.device, "--seed", str(args.seed), "--compile-backend", args.compile_backend]
+    worker_args += ["--quick"] if args.quick else []
+    worker_args += ["--reps", str(args.reps)] if args.reps else []
+
+    copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20)) if cuda else None
+    results: list[dict] = []
+    for provider in args.providers.split(","):
+        records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
+                                      timeout=args.worker_timeout or (60 if cuda else 3600))
+        results += records
+        if error:
+            print(f"note: {provider}: {error}", file=sys.stderr)
+
+    headers, rows = report(results, copy)
+    print(H.format_table(headers, rows))
+    info = H.machine_info(args.device)
+    H.write_json(out, {"machine": info, "copy": copy, "results": results, "argv": sys.argv[1:]})
+    md = os.path.splitext(out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"# sequence_logprob benchmark ({info.get('device_name', args.device)})\n\n")
+        f.write("Times are medians; `vs eager` is the speedup over the eager PyTorch pipeline in the "
+                "same run; peak includes the inputs, budget = inputs + one gradient buffer (fwd: the "
+                "inputs); `score` is the mean per-sequence log-probability (equal across providers).\n\n")
+        f.write(H.format_markdown_table(headers, rows) + "\n")
+    if not args.no_plot:
+        groups = sorted({case_key(r) for r in results if "error" not in r})
+        labels = [f"{b}x{t}x{v} {dt} {p}" for b, t, v, dt, p in groups]
+        series = {}
+        for prov in args.providers.split(","):
+            by = {case_key(r): r["median_s"] for r in results if r["provider"] == prov and "error" not in r}
+            series[prov] = [by.get(g) for g in groups]
+        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
+                    title=f"sequence_logprob on {info.get('device_name', args.device)}", log=True)
+    print(f"wrote {out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
