@@ -68,6 +68,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=0)
     p.add_argument("--plan", default="", help="comma-separated N:dtype cases")
     p.add_argument("--copy-mib", type=float, default=2048)
+    p.add_argument("--out", help="JSON path (default bench/results/selection_<device>[_quick].json; "
+                   "the markdown table goes next to it)")
+    p.add_argument("--no-plot", action="store_true", help="accepted for the suite's common "
+                   "command line (this benchmark draws no plot)")
     args = p.parse_args(argv)
 
     device = args.device
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
                      H.fmt_ratio(rec.get("reads")), H.fmt_ratio(t / base if t and base else None)])
     print(H.format_table(headers, rows))
     name = f"selection_{device.split(':')[0]}{'_quick' if args.quick else ''}"
-    out = os.path.join(HERE, "results", name)
+    out = os.path.splitext(args.out)[0] if args.out else os.path.join(HERE, "results", name)
     H.write_json(out + ".json", {"machine": H.machine_info(device), "copy": copy, "results": results,
                                  "argv": sys.argv[1:]})
     with open(out + ".md", "w") as f:

@@ -9,6 +9,10 @@ from .selection import select_top_fraction_triton
 from .sequence import sequence_logprob_triton
 from .topk import topk_kd_loss_triton
 
-TRITON_OPS: dict = {"adaspec_token_kl": adaspec_token_kl_triton, "kd_loss": kd_loss_triton,
-                     "topk_kd_loss": topk_kd_loss_triton, "sequence_logprob": sequence_logprob_triton,
-                     "select_top_fraction": select_top_fraction_triton}
+TRITON_OPS: dict = {
+    "adaspec_token_kl": adaspec_token_kl_triton,
+    "kd_loss": kd_loss_triton,
+    "select_top_fraction": select_top_fraction_triton,
+    "sequence_logprob": sequence_logprob_triton,
+    "topk_kd_loss": topk_kd_loss_triton,
+}

@@ -16,5 +16,10 @@ from .selection import select_top_fraction
 from .sequence import sequence_logprob
 from .topk import topk_kd_loss
 
-__all__ = ["BACKENDS", "adaspec_loss", "available_backends", "fused_linear_kd_loss", "kd_loss", "nn", "reference", "select_top_fraction", "sequence_logprob", "topk_kd_loss", "use_backend"]
+from . import methods  # noqa: E402  (built on the ops above)
+
+__all__ = [
+    "BACKENDS", "adaspec_loss", "available_backends", "fused_linear_kd_loss", "kd_loss", "methods",
+    "nn", "reference", "select_top_fraction", "sequence_logprob", "topk_kd_loss", "use_backend",
+]
 __version__ = "0.1.0"
