@@ -109,11 +109,11 @@ import torch
 import kdops
 
 print("kdops from", kdops.__file__)
-has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("kdops::kd_loss", "CUDA")
-has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key("kdops::kd_loss", "CPU")
-print("kdops::kd_loss CUDA kernel registered:", has_cuda)
-print("kdops::kd_loss CPU kernel registered:", has_cpu)
-assert has_cuda and has_cpu
+# every op with hand-written kernels must have both a CPU and a CUDA registration
+for op in ("kd_loss", "topk_kd_loss", "adaspec_token_kl", "select_top_fraction", "sequence_logprob"):
+    keys = [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(f"kdops::{op}", key)]
+    print(f"kdops::{op} kernels registered for:", ", ".join(keys))
+    assert keys == ["CPU", "CUDA"], op
 
 s = torch.randn(4, 37, requires_grad=True)
 t = torch.randn(4, 37)
