@@ -68,6 +68,27 @@ TORCH_LIBRARY(kdops, m) {
       "sequence_logprob(Tensor logits, Tensor labels, int ignore_index, bool grad) "
       "-> (Tensor token_logprob, Tensor grad_logits)",
       {at::Tag::pt2_compliant_tag});
+
+  // Top-k co-activation node features (DESIGN.md 3.4) of logits [batch, seq, vocab]: per valid
+  // position the k largest logits (ties: lower id first), their values x = softmax(z / tau) or
+  // z (transform "logits"), and features [batch, vocab] = sum over positions of x~ * sum(x~),
+  // divided by the valid positions when normalizing; accumulate type. Also returns what backward
+  // reuses: top_ids int64 [batch, seq, k], top_values [batch, seq, k] and shifted_lse [batch, seq]
+  // = log sum exp((z - z[top_ids[0]]) / tau) (0 for transform "logits"); all 0 at positions
+  // that are not valid.
+  m.def(
+      "coactivation_features(Tensor logits, int k, Tensor temperature, Tensor? valid, "
+      "str transform, bool normalize) "
+      "-> (Tensor features, Tensor top_ids, Tensor top_values, Tensor shifted_lse)",
+      {at::Tag::pt2_compliant_tag});
+
+  // The logit gradient [batch, seq, vocab] (input dtype) of coactivation_features for
+  // grad_features [batch, vocab] (accumulate type), from forward's saved outputs.
+  m.def(
+      "coactivation_features_backward(Tensor grad_features, Tensor logits, Tensor top_ids, "
+      "Tensor top_values, Tensor shifted_lse, Tensor temperature, Tensor? valid, str transform, "
+      "bool normalize) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 extern "C" PyObject* PyInit__C(void) {
