@@ -2,6 +2,7 @@
 paper, states which released code it matches and lists every difference from it."""
 
 from .adaspec import AdaSPEC
+from .infigfusion import InfiGFusion
 from .miniplm import DifferenceSampler, difference_scores
 
-__all__ = ["AdaSPEC", "DifferenceSampler", "difference_scores"]
+__all__ = ["AdaSPEC", "InfiGFusion", "DifferenceSampler", "difference_scores"]
