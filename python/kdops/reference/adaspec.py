@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .divergence import valid_rows
+
 
 def _rows_and_valid(logits: Tensor, labels, ignore_index, mask) -> tuple[int, Tensor]:
     rows = logits.shape[:-1].numel()
-    valid = torch.ones(rows, dtype=torch.bool, device=logits.device)
-    if labels is not None:
-        valid = valid & (labels.reshape(-1).to(logits.device) != ignore_index)
-    if mask is not None:
-        valid = valid & mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
-    return rows, valid
+    return rows, valid_rows(rows, logits.device, labels, ignore_index, mask)
 
 
 def adaspec_token_kl(

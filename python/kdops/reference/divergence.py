@@ -61,6 +61,41 @@ def _scaled(z: Tensor, tau: Tensor) -> Tensor:
     return torch.where(neg_inf, torch.full_like(z, _NEG_INF), z_safe / tau)
 
 
+def valid_rows(rows: int, device, labels: Tensor | None, ignore_index: int, mask: Tensor | None) -> Tensor:
+    """Bool [rows]: label != ignore_index AND mask (either may be None)."""
+    valid = torch.ones(rows, dtype=torch.bool, device=device)
+    if labels is not None:
+        valid = valid & (labels.reshape(-1).to(device) != ignore_index)
+    if mask is not None:
+        valid = valid & mask.reshape(-1).to(device=device, dtype=torch.bool)
+    return valid
+
+
+def row_temperature(temperature: float | Tensor, rows: int, device) -> Tensor:
+    """[rows, 1] float64 temperature from a number, a 0-d tensor or one value per row."""
+    if isinstance(temperature, Tensor):
+        tau = temperature.double().to(device)
+        tau = tau.reshape(1, 1) if tau.dim() == 0 else tau.reshape(rows, 1)
+    else:
+        tau = torch.tensor([[float(temperature)]], dtype=torch.float64, device=device)
+    return tau.expand(rows, 1)
+
+
+def reduce_rows(rows: Tensor, valid: Tensor, reduction: str, normalizer, lead) -> Tensor:
+    """Per-row losses (0 on invalid rows) reduced as every loss op does: none (leading shape),
+    sum, or mean over valid rows (0 when none) unless a normalizer replaces the count."""
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is not None:
+        denom = normalizer.double().to(rows.device) if isinstance(normalizer, Tensor) else float(normalizer)
+        return total / denom
+    return total / valid.sum().clamp(min=1).double()
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -111,18 +146,8 @@ def kd_loss(
     N = zs.shape[0]
     device = zs.device
 
-    valid = torch.ones(N, dtype=torch.bool, device=device)
-    if labels is not None:
-        valid = valid & (labels.reshape(-1).to(device) != ignore_index)
-    if mask is not None:
-        valid = valid & mask.reshape(-1).to(device=device, dtype=torch.bool)
-
-    if isinstance(temperature, Tensor):
-        tau = temperature.double().to(device)
-        tau = tau.reshape(1, 1) if tau.dim() == 0 else tau.reshape(N, 1)
-    else:
-        tau = torch.tensor([[float(temperature)]], dtype=torch.float64, device=device)
-    tau = tau.expand(N, 1)
+    valid = valid_rows(N, device, labels, ignore_index, mask)
+    tau = row_temperature(temperature, N, device)
 
     # Invalid rows are replaced by harmless values before any arithmetic, so that whatever they
     # hold (NaN, inf, a bad temperature) can reach neither the loss nor any gradient.
@@ -136,14 +161,4 @@ def kd_loss(
     rows = _row_divergence(logq, logp, divergence, float(beta), float(alpha))
     if t2_scale:
         rows = rows * tau[:, 0] ** 2
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if normalizer is not None:
-        denom = normalizer.double().to(device) if isinstance(normalizer, Tensor) else float(normalizer)
-        return total / denom
-    return total / valid.sum().clamp(min=1).double()
+    return reduce_rows(rows, valid, reduction, normalizer, lead)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .divergence import _row_divergence, _scaled
+from .divergence import _row_divergence, _scaled, reduce_rows, row_temperature, valid_rows
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -63,18 +63,8 @@ def topk_kd_loss(
     ids = teacher_ids.reshape(N, K).to(device=device, dtype=torch.int64)
     lt = teacher_logprobs.double().reshape(N, K).to(device)
 
-    valid = torch.ones(N, dtype=torch.bool, device=device)
-    if labels is not None:
-        valid = valid & (labels.reshape(-1).to(device) != ignore_index)
-    if mask is not None:
-        valid = valid & mask.reshape(-1).to(device=device, dtype=torch.bool)
-
-    if isinstance(temperature, Tensor):
-        tau = temperature.double().to(device)
-        tau = tau.reshape(1, 1) if tau.dim() == 0 else tau.reshape(N, 1)
-    else:
-        tau = torch.tensor([[float(temperature)]], dtype=torch.float64, device=device)
-    tau = tau.expand(N, 1)
+    valid = valid_rows(N, device, labels, ignore_index, mask)
+    tau = row_temperature(temperature, N, device)
 
     # masked rows: harmless values before any arithmetic (their ids may be anything)
     row_ok = valid[:, None]
@@ -94,14 +84,4 @@ def topk_kd_loss(
         rows = _row_divergence(logq, logp, divergence, float(beta), float(alpha))
     if t2_scale:
         rows = rows * tau[:, 0] ** 2
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if normalizer is not None:
-        denom = normalizer.double().to(device) if isinstance(normalizer, Tensor) else float(normalizer)
-        return total / denom
-    return total / valid.sum().clamp(min=1).double()
+    return reduce_rows(rows, valid, reduction, normalizer, lead)
