@@ -470,28 +470,34 @@ def _check_args(student, teacher, temperature, valid, normalizer, beta, alpha, r
         raise ValueError("kd_loss: vocab (last dim) must be at least 1")
     if student.stride(1) != 1 or teacher.stride(1) != 1:
         raise ValueError("kd_loss: the last dim of student and teacher must be contiguous")
+    check_loss_options("kd_loss", student, temperature, valid, normalizer, beta, alpha, reduction)
+
+
+def check_loss_options(op, student, temperature, valid, normalizer, beta, alpha, reduction):
+    """The option checks every Triton loss op shares with its C++ twin (after the op's own input
+    checks, in the C++ order): beta, alpha, temperature, valid, normalizer, reduction."""
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"kd_loss: beta must be in [0, 1]; got {beta}")
+        raise ValueError(f"{op}: beta must be in [0, 1]; got {beta}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"kd_loss: alpha must be in [0, 1]; got {alpha}")
+        raise ValueError(f"{op}: alpha must be in [0, 1]; got {alpha}")
     rows = student.shape[0]
     if not (temperature.dim() == 0 or (temperature.dim() == 1 and temperature.shape[0] == rows)):
         raise ValueError(
-            f"kd_loss: temperature must be 0-d or have shape [{rows}]; got {list(temperature.shape)}"
+            f"{op}: temperature must be 0-d or have shape [{rows}]; got {list(temperature.shape)}"
         )
     if temperature.dtype != torch.float32:
         raise ValueError(
-            f"kd_loss: temperature must be float32 for {student.dtype} logits; got {temperature.dtype}"
+            f"{op}: temperature must be float32 for {student.dtype} logits; got {temperature.dtype}"
         )
     if valid is not None:
         if valid.dtype != torch.bool or valid.dim() != 1 or valid.shape[0] != rows:
-            raise ValueError(f"kd_loss: valid must be a bool tensor of shape [{rows}]")
+            raise ValueError(f"{op}: valid must be a bool tensor of shape [{rows}]")
         if valid.device != student.device:
-            raise ValueError(f"kd_loss: valid is on {valid.device} but student is on {student.device}")
+            raise ValueError(f"{op}: valid is on {valid.device} but student is on {student.device}")
     if normalizer is not None and normalizer.dim() != 0:
-        raise ValueError("kd_loss: normalizer must be a 0-d tensor")
+        raise ValueError(f"{op}: normalizer must be a 0-d tensor")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"kd_loss: reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
 
 
 def _shape_only(student: torch.Tensor) -> bool:

@@ -58,11 +58,11 @@ from torch.library import triton_op, wrap_triton
 
 from .divergence import (
     AUTOTUNE_ENV, FKL, JSD, RKL, SKEW_FKL, SKEW_RKL, TVD, _element_terms, _shape_only,
+    check_loss_options,
 )
 from .scale import reduction_scale
 
 _DIVERGENCE_NAMES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
-_REDUCTIONS = ("mean", "sum", "none")
 MAX_K = 4096  # kTopKMaxK in csrc/topk/topk.h
 
 # Launch shape (see _launch_config). Module-level so that tests can force several vocabulary
@@ -426,27 +426,8 @@ def _check_args(student, ids, logprobs, temperature, valid, normalizer, beta, al
         raise ValueError(
             f"topk_kd_loss: teacher_ids and teacher_logprobs must be on the student's device {student.device}"
         )
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"topk_kd_loss: beta must be in [0, 1]; got {beta}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"topk_kd_loss: alpha must be in [0, 1]; got {alpha}")
-    if not (temperature.dim() == 0 or (temperature.dim() == 1 and temperature.shape[0] == rows)):
-        raise ValueError(
-            f"topk_kd_loss: temperature must be 0-d or have shape [{rows}]; got {list(temperature.shape)}"
-        )
-    if temperature.dtype != torch.float32:
-        raise ValueError(
-            f"topk_kd_loss: temperature must be float32 for {student.dtype} logits; got {temperature.dtype}"
-        )
-    if valid is not None:
-        if valid.dtype != torch.bool or valid.dim() != 1 or valid.shape[0] != rows:
-            raise ValueError(f"topk_kd_loss: valid must be a bool tensor of shape [{rows}]")
-        if valid.device != student.device:
-            raise ValueError(f"topk_kd_loss: valid is on {valid.device} but student is on {student.device}")
-    if normalizer is not None and normalizer.dim() != 0:
-        raise ValueError("topk_kd_loss: normalizer must be a 0-d tensor")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"topk_kd_loss: reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    check_loss_options("topk_kd_loss", student, temperature, valid, normalizer, beta, alpha,
+                       reduction)
 
 
 @triton_op("kdops::topk_kd_loss_triton", mutates_args=())
