@@ -13,28 +13,13 @@ Under the interpreter there is no bf16 arithmetic, so bf16 runs only on CUDA.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from triton_device import triton_device_or_skip
 
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    pytest.skip("triton is not installed: the Triton backend is not available", allow_module_level=True)
-
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip(
-        "the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 (set before triton is "
-        "imported) to run them on the CPU",
-        allow_module_level=True,
-    )
+DEVICE = triton_device_or_skip()
 
 import kdops  # noqa: E402
 from kdops.kernels import TRITON_OPS  # noqa: E402
