@@ -7,6 +7,8 @@ the graph's row sums; gradcheck; opcheck; argument checks before any kernel.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -71,14 +73,15 @@ def _assert_close(actual, expected, rtol, what, scale=None):
 
 
 def _check_against_oracle(z, k, *, mask=None, temperature=1.0, transform="softmax", normalize=True,
-                          grad=True, grad_scale=None):
+                          grad=True, grad_scale=None, view=lambda t: t):
+    """view: applied to the differentiable leaf, so that strided views reach the op as views."""
     kwargs = dict(mask=mask, temperature=temperature, transform=transform, normalize=normalize)
     x = z.clone().requires_grad_(grad)
-    features = kdops.coactivation_features(x, k, **kwargs)
+    features = kdops.coactivation_features(view(x), k, **kwargs)
     assert features.dtype == (torch.float64 if z.dtype == torch.float64 else torch.float32)
-    assert features.shape == (z.shape[0], z.shape[-1])
+    assert features.shape == (view(z).shape[0], view(z).shape[-1])
     x_ref = z.detach().double().requires_grad_(grad)
-    expected = ref.coactivation_features(x_ref, k, **kwargs)
+    expected = ref.coactivation_features(view(x_ref), k, **kwargs)
     _assert_close(features, expected, FEATURE_RTOL[z.dtype], "features")
     assert torch.isfinite(features).all() or not torch.isfinite(expected).all()
     if not grad:
@@ -135,10 +138,14 @@ def test_large_logits():
 
 def test_strided_logits():
     wide = _logits((4, 7, 50), seed=8)
-    z = wide[::2, 1:6, 3:40]  # batch and sequence strides, a contiguous last dim
-    assert z.stride(-1) == 1 and not z.is_contiguous()
-    _check_against_oracle(z, 4, transform="softmax")
-    _check_against_oracle(wide.transpose(1, 2)[:, :9], 3)  # last dim not contiguous: copied once
+
+    def rows(t):  # batch and sequence strides, a contiguous last dim
+        return t[::2, 1:6, 3:40]
+
+    assert rows(wide).stride(-1) == 1 and not rows(wide).is_contiguous()
+    _check_against_oracle(wide, 4, transform="softmax", view=rows)
+    # last dim not contiguous: copied once
+    _check_against_oracle(wide, 3, view=lambda t: t.transpose(1, 2)[:, :9])
 
 
 def test_temperature_tensor():
@@ -271,11 +278,213 @@ def test_k_above_256_and_bad_shapes_raise():
         kdops.coactivation_graph(_logits((2, 4, 7), seed=25), 2, node_ids=torch.zeros(3, 2, dtype=torch.int64))
 
 
+# ---- CUDA kernels (run only where a CUDA device is present) ------------------------------------
+
+
+def _features_by_scatter(z64, k, *, mask=None, temperature=1.0, transform="softmax", normalize=True):
+    """The oracle's features without the V x V graph, for vocabularies where it does not fit:
+    f_b = c_b sum_t x~_t s_t from the oracle's kept entries, in float64, differentiable."""
+    ids, values = ref.coactivation_topk(z64, k, temperature=temperature, transform=transform)
+    if mask is not None:
+        values = values * mask.unsqueeze(-1)
+    terms = values * values.sum(-1, keepdim=True)
+    features = torch.zeros(z64.shape[0], z64.shape[-1], dtype=torch.float64, device=z64.device)
+    features = features.scatter_add(1, ids.flatten(1), terms.flatten(1))
+    if normalize:
+        counted = torch.full((z64.shape[0],), float(z64.shape[1]), dtype=torch.float64) if mask is None \
+            else mask.sum(1).double().clamp_min(1)
+        features = features / counted.to(z64.device).unsqueeze(-1)
+    return features
+
+
+def test_scatter_oracle_is_the_graph_oracle():
+    """The large-vocabulary oracle of the GPU tests agrees with the graph's row sums."""
+    z = _logits((3, 5, 29), seed=30, dtype=torch.float64)
+    for transform in TRANSFORMS:
+        kwargs = dict(mask=_mask("random", 3, 5, seed=31), temperature=0.8, transform=transform)
+        torch.testing.assert_close(_features_by_scatter(z, 4, **kwargs), ref.coactivation_features(z, 4, **kwargs),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def _feature_rtol(dtype, vocab):
+    """FEATURE_RTOL (set on V <= 1271) plus what a large vocabulary adds in float32 arithmetic:
+    each kept value exp((z - z_max) / tau - lse) inherits the rounding of the float32 statistic
+    lse <= log V and of the argument (a few times 2^-24 log V), twice in f = c v s."""
+    if dtype == torch.float64:
+        return FEATURE_RTOL[dtype]
+    return FEATURE_RTOL[dtype] + 6 * 2**-24 * math.log(vocab)
+
+
+def _check_cuda(z, k, *, mask=None, temperature=1.0, transform="softmax", normalize=True, grad=True,
+                grad_scale=None, view=None):
+    """The cuda backend on z (CPU, copied to the device) against the float64 oracle: ids exactly,
+    features within _feature_rtol, the logit gradient within GRAD_RTOL. view(x) (e.g. a strided
+    slice) is applied on the device, so the kernel sees its strides; z is then its input."""
+    kwargs = dict(temperature=temperature, transform=transform, normalize=normalize)
+    x = z.detach().to("cuda").requires_grad_(grad)
+    logits = view(x) if view else x
+    with kdops.use_backend("cuda"):
+        features = kdops.coactivation_features(logits, k, mask=None if mask is None else mask.cuda(), **kwargs)
+    assert features.dtype == (torch.float64 if z.dtype == torch.float64 else torch.float32)
+    z_ref = (view(z) if view else z).detach().double().requires_grad_(grad)
+    expected = _features_by_scatter(z_ref, k, mask=mask, **kwargs)
+    _assert_close(features.cpu(), expected, _feature_rtol(z.dtype, z.shape[-1]), "features")
+    _, ids, _, _ = torch.ops.kdops.coactivation_features(
+        logits.detach(), k, torch.tensor(float(temperature), dtype=features.dtype, device="cuda"),
+        None if mask is None else mask.cuda(), transform, normalize)
+    expected_ids, _ = ref.coactivation_topk(z_ref.detach(), k, transform=transform)
+    counted = torch.ones(ids.shape[:2], dtype=torch.bool) if mask is None else mask
+    assert torch.equal(ids.cpu()[counted], expected_ids[counted]), "kept ids"
+    assert (ids.cpu()[~counted] == 0).all()
+    if not grad:
+        return
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (features.double() * weights.cuda()).sum().backward()
+    (expected * weights).sum().backward()
+    grad_in = view(x.grad).cpu() if view else x.grad.cpu()
+    assert x.grad.dtype == z.dtype
+    _assert_close(grad_in, z_ref.grad, GRAD_RTOL[z.dtype], "logit gradient", grad_scale)
+    if view:  # nothing outside the view
+        outside = x.grad.clone()
+        view(outside).zero_()
+        assert (outside == 0).all()
+
+
 @pytest.mark.gpu
-def test_gpu_tensors_raise_until_a_kernel_exists():
-    """No CUDA kernel yet: a clear error rather than the V x V float64 oracle by default."""
-    logits = torch.randn(1, 4, 50, device="cuda")
-    with pytest.raises(RuntimeError, match="no kernel for cuda"):
-        kdops.coactivation_features(logits, 3)
-    with kdops.use_backend("reference"):
-        assert kdops.coactivation_features(logits, 3).shape == (1, 50)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mask_kind", ["none", "random", "all_masked"])
+def test_gpu_matches_oracle(dtype, transform, normalize, mask_kind):
+    z = _logits((3, 6, 37), seed=1, dtype=dtype)
+    _check_cuda(z, 5, mask=_mask(mask_kind, 3, 6, seed=2), temperature=1.7, transform=transform,
+                normalize=normalize)
+
+
+# V up to the LLM vocabularies: many steps of the sweep, head/tail elements, k up to 256 (buffer cuts)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,k", [(1, 1), (3, 3), (1271, 256), (50257, 1), (50257, 10), (50257, 256),
+                                     (128256, 10)])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gpu_sizes_and_k(dtype, vocab, k, transform):
+    _check_cuda(_logits((2, 3, vocab), seed=vocab + k, dtype=dtype), k, transform=transform,
+                mask=_mask("random", 2, 3, seed=4), temperature=0.9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_ties_follow_lower_id_first(dtype):
+    # values in {0, 1, 2, 3}: the kept entries all tie at 3, over several steps of the sweep
+    _check_cuda(_logits((2, 8, 5003), seed=5, dtype=dtype, ties=True), 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [10, 256])
+def test_gpu_ascending_rows(k):
+    """Every logit beats the ones before it: the candidate buffer overflows on every step."""
+    z = torch.arange(20011, dtype=torch.float32).expand(2, 3, -1).contiguous() / 1000
+    _check_cuda(z, k, transform="logits")
+
+
+@pytest.mark.gpu
+def test_gpu_shared_ids_across_positions():
+    """Positions that keep the same ids: the scatter adds many entries per id and round in order."""
+    base = _logits((1, 1, 3000), seed=32)
+    z = base + 1e-3 * _logits((2, 40, 3000), seed=33)
+    _check_cuda(z, 24, mask=_mask("random", 2, 40, seed=34))
+    _check_cuda(z.to(torch.bfloat16), 24)
+
+
+@pytest.mark.gpu
+def test_gpu_neg_inf_and_large_logits():
+    _check_cuda(_logits((2, 5, 4001), seed=6, neg_inf=0.995), 12, mask=_mask("random", 2, 5, seed=7))
+    z = _logits((2, 4, 4003), seed=26) * 40 + 300
+    weights = torch.randn(2, 4003, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    _check_cuda(z, 6, mask=_mask("random", 2, 4, seed=27), grad_scale=2 * weights.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gpu_strided_logits(dtype):
+    """Batch and sequence strides, rows starting off a 16-byte boundary (head elements; the
+    gradient rows are aligned differently, so the backward sweep goes element by element)."""
+    wide = _logits((4, 7, 5050), seed=8, dtype=dtype)
+    _check_cuda(wide, 9, view=lambda t: t[::2, 1:6, 3:5003])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gpu_nan_and_all_neg_inf_rows_match_the_cpu_kernel(transform):
+    z = _logits((2, 3, 700), seed=35)
+    z[0, 1, [5, 600]] = float("nan")
+    z[1, 2] = float("-inf")
+    args = (4, torch.tensor(1.3), None, transform, True)
+    cpu = torch.ops.kdops.coactivation_features(z, *args)
+    gpu = torch.ops.kdops.coactivation_features(z.cuda(), 4, args[1].cuda(), None, transform, True)
+    assert torch.equal(gpu[1].cpu(), cpu[1])  # ids
+    for name, a, b in zip(("features", "values", "shifted_lse"), (gpu[0], gpu[2], gpu[3]), (cpu[0], cpu[2], cpu[3])):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    """Bitwise identical features and gradients run to run (no float atomics)."""
+    base = _logits((1, 1, 32000), seed=36).cuda()
+    z = (base + 0.05 * torch.randn(4, 256, 32000, device="cuda", generator=torch.Generator("cuda").manual_seed(0)))
+    z = z.to(torch.bfloat16).requires_grad_()
+    weights = torch.randn(4, 32000, device="cuda")
+    runs = []
+    for _ in range(3):
+        z.grad = None
+        with kdops.use_backend("cuda"):
+            features = kdops.coactivation_features(z, 16)
+        (features * weights).sum().backward()
+        runs.append((features, z.grad.clone()))
+    for features, grad in runs[1:]:
+        assert torch.equal(features, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gpu_gradcheck(transform):
+    z = _logits((2, 4, 11), seed=17, dtype=torch.float64).cuda().requires_grad_()
+    mask = _mask("random", 2, 4, seed=18).cuda()
+    mask[0, 1] = True
+    with kdops.use_backend("cuda"):
+        torch.autograd.gradcheck(
+            lambda x: kdops.coactivation_features(x, 3, mask=mask, temperature=0.7, transform=transform), (z,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gpu_opcheck(transform):
+    z = _logits((2, 4, 13), seed=20).cuda().requires_grad_()
+    mask = _mask("random", 2, 4, seed=21).cuda()
+    tau = torch.tensor(1.5, device="cuda")
+    torch.library.opcheck(torch.ops.kdops.coactivation_features.default, (z, 3, tau, mask, transform, True))
+    _, ids, values, lse = torch.ops.kdops.coactivation_features(z.detach(), 3, tau, mask, transform, True)
+    grad = torch.randn(2, 13, device="cuda")
+    torch.library.opcheck(torch.ops.kdops.coactivation_features_backward.default,
+                          (grad, z.detach(), ids, values, lse, tau, mask, transform, True))
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_elements():
+    """B * T * V > 2^31: 64-bit offsets, the last sequence checked against the CPU kernel (itself
+    checked against the oracle above)."""
+    V, T = 32768, 8
+    B = 2**31 // (T * V) + 2
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("not enough device memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(B, T, V, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    with kdops.use_backend("cuda"):
+        features = kdops.coactivation_features(z, 10)
+    weights = torch.randn(B, V, device="cuda")
+    (features * weights).sum().backward()
+    tail = z[-1:].detach().cpu().requires_grad_()
+    expected = kdops.coactivation_features(tail, 10)
+    (expected * weights[-1:].cpu()).sum().backward()
+    _assert_close(features[-1:].cpu(), expected, 1e-5, "features of the last sequence")
+    _assert_close(z.grad[-1:].cpu(), tail.grad, 2**-7, "gradient of the last sequence")

@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, kernels_registry
 from . import reference as _reference
 
 TRANSFORMS = ("softmax", "logits")
@@ -57,9 +57,7 @@ def coactivation_features(
             logits, k, mask=mask, temperature=tau, transform=transform, normalize=normalize
         )
         return features.to(_checks.acc_dtype(logits.dtype))
-    features, _, _, _ = torch.ops.kdops.coactivation_features.default(
-        _seq_view(logits), k, tau, valid, transform, bool(normalize)
-    )
+    features, _, _, _ = _features_op(backend)(_seq_view(logits), k, tau, valid, transform, bool(normalize))
     return features
 
 
@@ -111,17 +109,27 @@ def coactivation_graph(
 
 
 def _select_backend(device: torch.device, needs_grad: bool) -> str:
-    """The backend for coactivation_features. Only the CPU has a kernel so far: other devices
-    must ask for the float64 oracle explicitly (use_backend("reference")), since it builds a
-    V x V matrix per sequence and would silently exhaust memory at LLM vocabulary sizes."""
+    """The backend for coactivation_features. A device without a kernel (CUDA tensors without
+    triton or the CUDA build) must ask for the float64 oracle explicitly (use_backend("reference")),
+    since it builds a V x V matrix per sequence and would silently exhaust memory at LLM
+    vocabulary sizes."""
     backend = _backend.select("coactivation_features", device, needs_grad)
     if backend == "reference" and _backend.forced_backend() != "reference":
         raise RuntimeError(
-            f"kdops.coactivation_features has no kernel for {device.type} tensors yet (CPU only); "
-            "use CPU tensors, or kdops.use_backend('reference') for the float64 oracle on small "
-            "vocabularies (it builds a V x V matrix per sequence)"
+            f"kdops.coactivation_features has no kernel for {device.type} tensors here (the CPU "
+            "build, the CUDA build or triton runs it); use CPU tensors, or "
+            "kdops.use_backend('reference') for the float64 oracle on small vocabularies (it "
+            "builds a V x V matrix per sequence)"
         )
     return backend
+
+
+def _features_op(backend: str):
+    """The forward op of a kernel backend: the Triton op, or the C++ op (the dispatcher picks
+    the CPU or CUDA kernel by device)."""
+    if backend == "triton":
+        return _triton_features_op()
+    return torch.ops.kdops.coactivation_features.default
 
 
 def _top_entries(logits, k, tau, valid, transform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,9 +141,7 @@ def _top_entries(logits, k, tau, valid, transform) -> tuple[torch.Tensor, torch.
         ids, _ = _reference.coactivation.coactivation_topk(logits, k, transform=transform)
     else:
         with torch.no_grad():
-            _, ids, _, _ = torch.ops.kdops.coactivation_features.default(
-                _seq_view(logits.detach()), k, tau, valid, transform, False
-            )
+            _, ids, _, _ = _features_op(backend)(_seq_view(logits.detach()), k, tau, valid, transform, False)
     z = logits.to(acc)
     x = torch.softmax(z / tau.to(z.device), dim=-1) if transform == "softmax" else z
     return ids, x.gather(-1, ids)
@@ -201,15 +207,42 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(top_ids, top_values, shifted_lse)
 
 
-def _backward(ctx, grad_features, _grad_ids, _grad_values, _grad_lse):
-    logits, top_ids, top_values, shifted_lse, temperature, valid = ctx.saved_tensors
-    grad_logits = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = torch.ops.kdops.coactivation_features_backward.default(
-            grad_features.to(top_values.dtype).contiguous(), logits, top_ids, top_values, shifted_lse,
-            temperature, valid, ctx.transform, ctx.normalize,
+def _backward_through(backward_op):
+    """The autograd formula of a forward op whose logit gradient `backward_op` computes."""
+
+    def backward(ctx, grad_features, _grad_ids, _grad_values, _grad_lse):
+        logits, top_ids, top_values, shifted_lse, temperature, valid = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = backward_op(
+                grad_features.to(top_values.dtype).contiguous(), logits, top_ids, top_values, shifted_lse,
+                temperature, valid, ctx.transform, ctx.normalize,
+            )
+        return grad_logits, None, None, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "kdops::coactivation_features",
+    _backward_through(torch.ops.kdops.coactivation_features_backward.default),
+    setup_context=_setup_context,
+)
+
+
+_TRITON_AUTOGRAD_REGISTERED: set = set()
+
+
+def _triton_features_op():
+    """The Triton forward op, its autograd registered on first use (kdops.kernels needs triton, an
+    optional dependency): the C++ op's formula through the Triton backward op. A set, not
+    functools.cache, remembers the registration: torch.compile ignores cache wrappers and would
+    trace the registration again."""
+    ops = kernels_registry.triton_ops()
+    forward = ops["coactivation_features"]
+    if forward not in _TRITON_AUTOGRAD_REGISTERED:
+        torch.library.register_autograd(
+            forward, _backward_through(ops["coactivation_features_backward"]), setup_context=_setup_context
         )
-    return grad_logits, None, None, None, None, None
-
-
-torch.library.register_autograd("kdops::coactivation_features", _backward, setup_context=_setup_context)
+        _TRITON_AUTOGRAD_REGISTERED.add(forward)
+    return forward

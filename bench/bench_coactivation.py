@@ -1,0 +1,309 @@
+"""Benchmark of kdops.coactivation_features inside InfiGFusion's graph-on-logits term (GLD):
+sorted_gw between the top-k co-activation node features of a student and of a teacher.
+
+The step timed: f_s = coactivation_features(student), f_t = coactivation_features(teacher)
+(k = 10, tau = 1, normalized, the first T/8 positions of every sequence masked as a prompt), then
+sorted_gw(f_s, f_t). Providers:
+  - kdops (or kdops:<backend>): the fused ops; the logits are read once per model and, for the
+    student's gradient, written once;
+  - eager: the PyTorch a method would write today: softmax in float32, topk, the kept values times
+    their sum scattered with scatter_add, then sort + L1 (the eager sorted_gw);
+  - compile: torch.compile of the eager code;
+  - graph: the co-activation graph materialized ([B, V, V] from the dense top-k vectors) and its
+    row sums, where it fits (B V^2 float32 under --graph-gib).
+
+Passes: ``fwd`` (nothing requires grad) and ``fwd_bwd`` (the student's logits require grad;
+backward of the loss). Each provider runs in its own process (bench/_harness.py): median time,
+peak memory with the inputs included and its ratio to inputs + one gradient buffer (fwd: the
+inputs), and the loss value (equal across providers up to ties among the k-th logits). The floor
+of a fused step is reading both logits once (+ writing the student's gradient once); on CUDA a
+device-to-device copy measured in the same run gives the bandwidth, and each result is also
+reported as that floor's time over its own.
+
+    python bench/bench_coactivation.py                    # CPU default plan (a couple of minutes)
+    python bench/bench_coactivation.py --quick --no-plot  # CI smoke test (tiny shapes)
+    python bench/bench_coactivation.py --device cuda      # GPU plan: 8 x 2048 x 128256 bf16, k = 10
+
+Writes bench/results/coactivation_<device>[_quick].{json,md} (and a PNG unless --no-plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROVIDERS = {"cpu": "kdops,eager,compile,graph", "cuda": "kdops:cuda,kdops:triton,eager,compile,graph"}
+PASSES = ("fwd", "fwd_bwd")
+CPU_PLAN = ["2x512x32000:fp32:10", "2x512x32000:bf16:10", "2x256x4096:fp32:10"]
+GPU_PLAN = ["8x2048x128256:bf16:10", "8x2048x32000:bf16:10", "8x512x8192:bf16:10"]
+QUICK_PLAN = ["2x32x1000:fp32:10"]
+TEMPERATURE = 1.0
+
+
+def parse_case(spec: str) -> tuple[int, int, int, str, int]:
+    """'BxTxV[:dtype[:k]]' -> (B, T, V, dtype, k)."""
+    dims, _, rest = spec.partition(":")
+    dtype, _, k = rest.partition(":")
+    b, t, v = (int(x) for x in dims.split("x"))
+    return b, t, v, dtype or "fp32", int(k or 10)
+
+
+# --------------------------------------------------------------------------------------------------
+# The peers
+
+
+def eager_features(logits, k, mask):
+    """Top-k co-activation node features as PyTorch code writes them: [B, V] float32."""
+    import torch
+
+    probs = torch.softmax(logits.float() / TEMPERATURE, dim=-1)
+    values, ids = probs.topk(k, dim=-1)
+    values = values * mask.unsqueeze(-1)
+    terms = values * values.sum(-1, keepdim=True)
+    features = torch.zeros(logits.shape[0], logits.shape[-1], device=logits.device)
+    features = features.scatter_add(1, ids.flatten(1), terms.flatten(1))
+    return features / mask.sum(1, keepdim=True).clamp_min(1)
+
+
+def graph_features(logits, k, mask):
+    """The same from the materialized graph A_b = sum_t x~_t x~_t^T (B x V x V): its row sums."""
+    import torch
+
+    probs = torch.softmax(logits.float() / TEMPERATURE, dim=-1)
+    values, ids = probs.topk(k, dim=-1)
+    kept = torch.zeros_like(probs).scatter(-1, ids, values) * mask.unsqueeze(-1)
+    graph = torch.einsum("btv,btw->bvw", kept, kept)
+    return graph.sum(-1) / mask.sum(1, keepdim=True).clamp_min(1)
+
+
+def eager_sorted_gw(f_s, f_t):
+    import torch
+
+    g_s = torch.sort(f_s, dim=-1, descending=True).values
+    g_t = torch.sort(f_t, dim=-1, descending=True).values
+    return (g_s - g_t).abs().sum(-1).mean()
+
+
+def make_gld_fn(provider: str, args):
+    """fn(student, teacher, k, mask) -> the GLD loss (a 0-d tensor)."""
+    import torch
+
+    if provider.split(":")[0] == "kdops":  # kdops (default backend) or kdops:<backend>
+        import kdops
+
+        backend = provider.partition(":")[2] or None
+
+        def fused(student, teacher, k, mask):
+            with kdops.use_backend(backend) if backend else contextlib.nullcontext():
+                f_s = kdops.coactivation_features(student, k, mask=mask, temperature=TEMPERATURE)
+                f_t = kdops.coactivation_features(teacher, k, mask=mask, temperature=TEMPERATURE)
+            return kdops.sorted_gw(f_s, f_t)
+
+        return fused
+
+    features = {"eager": eager_features, "compile": eager_features, "graph": graph_features}[provider]
+
+    def peer(student, teacher, k, mask):
+        return eager_sorted_gw(features(student, k, mask), features(teacher, k, mask))
+
+    if provider == "compile":
+        return torch.compile(peer, backend=args.compile_backend, dynamic=False)
+    return peer
+
+
+def supports(provider: str, b: int, v: int, graph_gib: float) -> bool:
+    return provider != "graph" or b * v * v * 4 <= graph_gib * 2**30
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker: one provider, every case of the plan it supports
+
+
+def worker_main(args) -> int:
+    import torch
+
+    provider, device = args.worker[0], args.device
+    hwm_ok = device.startswith("cuda") or H.cpu_hwm_resettable()
+    fn = make_gld_fn(provider, args)
+    for spec in args.worker[1].split(","):
+        b, t, v, dt, k = parse_case(spec)
+        if not supports(provider, b, v, args.graph_gib):
+            continue
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        dtype = H.torch_dtype(dt)
+        student = (torch.randn(b, t, v, device=device, generator=gen) * 2.0).to(dtype)
+        teacher = (torch.randn(b, t, v, device=device, generator=gen) * 2.0).to(dtype)
+        mask = torch.ones(b, t, dtype=torch.bool, device=device)
+        mask[:, : t // 8] = False  # a prompt that does not count
+        input_bytes = student.nbytes + teacher.nbytes + mask.nbytes
+        reps = args.reps or (1 if args.quick else (10 if device.startswith("cuda") else 3))
+        for pass_ in PASSES:
+            rec: dict[str, Any] = dict(provider=provider, B=b, T=t, V=v, dtype=dt, k=k, pass_=pass_,
+                                       input_bytes=input_bytes,
+                                       grad_bytes=student.nbytes if pass_ == "fwd_bwd" else 0)
+            rec["budget_bytes"] = rec["input_bytes"] + rec["grad_bytes"]
+            try:
+                rec.update(run_case(fn, student, teacher, k, mask, pass_, device, reps, hwm_ok))
+                rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
+                rec["peak_ratio"] = rec["peak_bytes"] / rec["budget_bytes"]
+            except Exception as e:  # e.g. out of memory, or a backend not built: a row with the error
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            H.emit_result(rec)
+            gc.collect()
+        del student, teacher
+        gc.collect()
+    return 0
+
+
+def run_case(fn, student, teacher, k, mask, pass_: str, device: str, reps: int, hwm_ok: bool):
+    z = student if pass_ == "fwd" else student.detach().requires_grad_(True)
+
+    def setup():
+        z.grad = None
+
+    def call():
+        loss = fn(z, teacher, k, mask)
+        if pass_ == "fwd_bwd":
+            loss.backward()
+        return loss
+
+    out: dict[str, Any] = {}
+    setup()
+    t0 = time.perf_counter()
+    loss = call()  # compiles (compile provider); its value is cross-checked between providers
+    H.synchronize(device)
+    out["first_call_s"] = time.perf_counter() - t0
+    out["loss"] = float(loss.detach())
+    del loss
+    mem = H.PeakMemory(device) if hwm_ok else None
+    times = H.time_fn(call, device=device, reps=reps, warmup=1, setup=setup, memory=mem)
+    out.update(H.summarize_times(times))
+    out.update(mem_extra_bytes=mem.extra if mem else 0, mem_method=mem.method if mem else "unavailable")
+    setup()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent: run the workers, report
+
+
+def case_key(r: dict) -> tuple:
+    return r["B"], r["T"], r["V"], r["dtype"], r["k"], r["pass_"]
+
+
+def floor_bytes(r: dict) -> int:
+    """Least traffic of a fused step: read both logits once (+ write the student's gradient)."""
+    return r["budget_bytes"]
+
+
+def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list[str]]]:
+    eager = {case_key(r): r for r in results if r["provider"] == "eager" and "error" not in r}
+    bw = copy["bandwidth_Bps"] if copy and "bandwidth_Bps" in copy else None
+    headers = ["case", "pass", "provider", "time", "vs eager", "peak", "peak/budget", "loss"]
+    if bw:
+        headers.append("floor/time")
+    rows = []
+    for r in results:
+        case = f"{r['B']}x{r['T']}x{r['V']} {r['dtype']} k={r['k']}"
+        if "error" in r:
+            rows.append([case, r["pass_"], r["provider"], r["error"][:60]] + [""] * (len(headers) - 4))
+            continue
+        base = eager.get(case_key(r))
+        speed = base["median_s"] / r["median_s"] if base else None
+        row = [case, r["pass_"], r["provider"], H.fmt_time(r["median_s"]), H.fmt_ratio(speed),
+               H.fmt_mb(r["peak_bytes"]), H.fmt_ratio(r["peak_ratio"]), f"{r['loss']:.6g}"]
+        if bw:
+            row.append(H.fmt_ratio(floor_bytes(r) / bw / r["median_s"]))
+        rows.append(row)
+    return headers, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
+    ap.add_argument("--cases", help="comma list of BxTxV[:dtype[:k]]")
+    ap.add_argument("--providers", help="comma list of kdops, kdops:<backend>, eager, compile, graph "
+                    f"(default cpu: {PROVIDERS['cpu']}; cuda: {PROVIDERS['cuda']})")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-backend", default=None)
+    ap.add_argument("--graph-gib", type=float, default=None,
+                    help="largest [B, V, V] float32 graph the graph provider builds (default cpu 1, cuda 16)")
+    ap.add_argument("--copy-mib", type=float, default=2048.0)
+    ap.add_argument("--worker-timeout", type=float, default=None,
+                    help="seconds per provider's worker (default cpu 1800, cuda 300); a worker "
+                    "stopped at it keeps the rows it finished")
+    ap.add_argument("--out")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    if args.graph_gib is None:
+        args.graph_gib = 16.0 if cuda else 1.0
+    if args.worker:
+        return worker_main(args)
+
+    args.providers = args.providers or PROVIDERS["cuda" if cuda else "cpu"]
+    plan = args.cases.split(",") if args.cases else (QUICK_PLAN if args.quick else
+                                                        GPU_PLAN if cuda else CPU_PLAN)
+    tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
+    out = args.out or os.path.join(HERE, "results", f"coactivation_{tag}.json")
+    worker_args = ["--device", args.device, "--seed", str(args.seed), "--compile-backend", args.compile_backend,
+                   "--graph-gib", str(args.graph_gib)]
+    worker_args += ["--quick"] if args.quick else []
+    worker_args += ["--reps", str(args.reps)] if args.reps else []
+
+    copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20)) if cuda else None
+    results: list[dict] = []
+    for provider in args.providers.split(","):
+        records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
+                                      timeout=args.worker_timeout or (300 if cuda else 1800))
+        results += records
+        if error:
+            print(f"note: {provider}: {error}", file=sys.stderr)
+
+    headers, rows = report(results, copy)
+    print(H.format_table(headers, rows))
+    info = H.machine_info(args.device)
+    H.write_json(out, {"machine": info, "copy": copy, "results": results, "argv": sys.argv[1:]})
+    md = os.path.splitext(out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"# coactivation_features benchmark: InfiGFusion's GLD term "
+                f"({info.get('device_name', args.device)})\n\n")
+        f.write("sorted_gw between the top-k co-activation features of a student and a teacher "
+                f"(tau = {TEMPERATURE}, the first T/8 positions masked). Times are medians; `vs eager` "
+                "is the speedup over the eager PyTorch pipeline in the same run; peak includes the "
+                "inputs, budget = inputs + one gradient buffer (fwd: the inputs); `loss` agrees "
+                "across providers up to ties among the k-th logits"
+                + ("; `floor/time`: reading both logits once (+ writing the student's gradient) "
+                   "at the copy bandwidth measured in this run, over the time" if copy else "")
+                + ".\n\n")
+        f.write(H.format_markdown_table(headers, rows) + "\n")
+    if not args.no_plot:
+        groups = sorted({case_key(r) for r in results if "error" not in r})
+        labels = [f"{b}x{t}x{v} {dt} k={k} {p}" for b, t, v, dt, k, p in groups]
+        series = {}
+        for prov in args.providers.split(","):
+            by = {case_key(r): r["median_s"] for r in results if r["provider"] == prov and "error" not in r}
+            series[prov] = [by.get(g) for g in groups]
+        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
+                    title=f"coactivation_features (GLD) on {info.get('device_name', args.device)}",
+                    log=True)
+    print(f"wrote {out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
