@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 wanted() { [[ "$STAGES" == *",$1,"* ]]; }
-BENCHES="sequence selection adaspec fused_linear topk divergence"  # the headline table last
+BENCHES="coactivation sequence selection adaspec fused_linear topk divergence"  # the headline table last
 status=0
 
 finish() {
@@ -63,7 +63,7 @@ if wanted build; then
         -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 > "$RES/build.log" 2>&1; then
     tail -60 "$RES/build.log"; echo "BUILD FAILED"; status=1; exit 1
   fi
-  python3 -c "import kdops, torch; print('backends for cuda:', {op: kdops.available_backends(op, torch.device('cuda')) for op in ('kd_loss', 'topk_kd_loss', 'adaspec_token_kl', 'select_top_fraction', 'sequence_logprob')})"
+  python3 -c "import kdops, torch; print('backends for cuda:', {op: kdops.available_backends(op, torch.device('cuda')) for op in ('kd_loss', 'topk_kd_loss', 'adaspec_token_kl', 'select_top_fraction', 'sequence_logprob', 'coactivation_features')})"
 fi
 
 if wanted tests; then
@@ -95,4 +95,6 @@ if wanted bench; then
     --out "$RES/selection_cuda.json" > "$RES/bench_selection.log" 2>&1 || status=1
   timeout 60 python3 bench/bench_sequence.py --device cuda --no-plot --worker-timeout 15 \
     --out "$RES/sequence_cuda.json" > "$RES/bench_sequence.log" 2>&1 || status=1
+  timeout 90 python3 bench/bench_coactivation.py --device cuda --no-plot --worker-timeout 30 \
+    --out "$RES/coactivation_cuda.json" > "$RES/bench_coactivation.log" 2>&1 || status=1
 fi
