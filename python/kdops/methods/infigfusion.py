@@ -53,10 +53,9 @@ class InfiGFusion(nn.Module):
     and ``[N, V_s]`` for the student (sorted once, shared by all teachers): about 3 x 4-byte +
     8-byte per entry, i.e. several GiB at LLM vocabularies and long batches. ``uld_top=n``
     compares only the n largest probabilities of each side (``torch.topk``, ``[N, n]`` kept),
-    which drops the tails' contribution; ``uld_top=None`` is the exact form. GLD needs
-    :func:`kdops.coactivation_features`, which has a CPU kernel only so far: on other devices set
-    ``graph_weight=0`` (GLD is then skipped and reported as 0) or use the reference backend on
-    small vocabularies.
+    which drops the tails' contribution; ``uld_top=None`` is the exact form. GLD runs on
+    :func:`kdops.coactivation_features` (CPU, CUDA and Triton kernels); ``graph_weight=0`` skips
+    it (reported as 0).
 
     Choices that are ours (the paper's values and these details are not public or not checked):
 
