@@ -111,7 +111,8 @@ import kdops
 print("kdops from", kdops.__file__)
 # every op with hand-written kernels must have both a CPU and a CUDA registration
 for op in ("kd_loss", "topk_kd_loss", "adaspec_token_kl", "select_top_fraction", "sequence_logprob",
-           "coactivation_features", "coactivation_features_backward"):
+           "coactivation_features", "coactivation_features_backward", "relation_kd_loss",
+           "relation_kd_loss_backward"):
     keys = [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(f"kdops::{op}", key)]
     print(f"kdops::{op} kernels registered for:", ", ".join(keys))
     assert keys == ["CPU", "CUDA"], op

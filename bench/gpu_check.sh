@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 wanted() { [[ "$STAGES" == *",$1,"* ]]; }
-BENCHES="coactivation sequence selection adaspec fused_linear topk divergence"  # the headline table last
+BENCHES="relation coactivation sequence selection adaspec fused_linear topk divergence"  # the headline table last
 status=0
 
 finish() {
@@ -63,7 +63,7 @@ if wanted build; then
         -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 > "$RES/build.log" 2>&1; then
     tail -60 "$RES/build.log"; echo "BUILD FAILED"; status=1; exit 1
   fi
-  python3 -c "import kdops, torch; print('backends for cuda:', {op: kdops.available_backends(op, torch.device('cuda')) for op in ('kd_loss', 'topk_kd_loss', 'adaspec_token_kl', 'select_top_fraction', 'sequence_logprob', 'coactivation_features')})"
+  python3 -c "import kdops, torch; print('backends for cuda:', {op: kdops.available_backends(op, torch.device('cuda')) for op in ('kd_loss', 'topk_kd_loss', 'adaspec_token_kl', 'select_top_fraction', 'sequence_logprob', 'coactivation_features', 'relation_kd_loss')})"
 fi
 
 if wanted tests; then
@@ -75,7 +75,7 @@ if wanted tests; then
     > "$RES/tests_gpu.log" 2>&1 || status=1
   tail -15 "$RES/tests_gpu.log"
   # the CUDA tests again on the plain one-block-per-row kernels (the flag is read once per process)
-  KDOPS_CUDA_NO_CLUSTER=1 timeout 90 python3 -m pytest -q -m gpu tests -k "cuda and not compile" \
+  KDOPS_CUDA_NO_CLUSTER=1 timeout 90 python3 -m pytest -q -m gpu tests -k "cuda and not compile and not relation" \
     -p no:cacheprovider > "$RES/tests_gpu_nocluster.log" 2>&1 || status=1
   tail -3 "$RES/tests_gpu_nocluster.log"
 fi
@@ -97,4 +97,7 @@ if wanted bench; then
     --out "$RES/sequence_cuda.json" > "$RES/bench_sequence.log" 2>&1 || status=1
   timeout 90 python3 bench/bench_coactivation.py --device cuda --no-plot --worker-timeout 30 \
     --out "$RES/coactivation_cuda.json" > "$RES/bench_coactivation.log" 2>&1 || status=1
+  timeout 120 python3 bench/bench_relation.py --device cuda --no-plot --worker-timeout 40 \
+    --providers kdops,kdops:triton,eager,compile \
+    --out "$RES/relation_cuda.json" > "$RES/bench_relation.log" 2>&1 || status=1
 fi

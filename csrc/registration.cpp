@@ -89,6 +89,27 @@ TORCH_LIBRARY(kdops, m) {
       "Tensor top_values, Tensor shifted_lse, Tensor temperature, Tensor? valid, str transform, "
       "bool normalize) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+
+  // Token relation distillation (DESIGN.md 3.6) over student [G, N, D_s] and teacher [G, N, D_t]
+  // features (same dtype, last dim contiguous), without an N x N matrix: per valid row (valid
+  // [G, N] bool or None) the kind's value r_i over the relations F F^T / temperature (a 0-d
+  // accumulate-type tensor) of its group's valid tokens (less itself when exclude_diagonal).
+  // row_loss [G, N] accumulate type (0 at rows that do not count); row_stats [G, N, 4], what
+  // backward needs: kl (lse_s, lse_t, r, 0), mse (lse_s, lse_t, sigma_s, sigma_t), infonce
+  // (lse_c, 0, 0, 0).
+  m.def(
+      "relation_kd_loss(Tensor student, Tensor teacher, Tensor temperature, Tensor? valid, "
+      "str kind, bool exclude_diagonal) -> (Tensor row_loss, Tensor row_stats)",
+      {at::Tag::pt2_compliant_tag});
+
+  // The feature gradients of relation_kd_loss for grad_row_loss [G, N] (accumulate type, ignored
+  // at rows that do not count), recomputing the relation tiles; in the input dtype, shaped like
+  // the features; a gradient not asked for is an empty [0] tensor.
+  m.def(
+      "relation_kd_loss_backward(Tensor grad_row_loss, Tensor student, Tensor teacher, "
+      "Tensor temperature, Tensor? valid, Tensor row_stats, str kind, bool exclude_diagonal, "
+      "bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -14,6 +14,7 @@ from .coactivation import coactivation_features, coactivation_graph
 from .divergence import kd_loss
 from .fused_linear import fused_linear_kd_loss
 from .gw import gw_1d, sliced_gw, sorted_gw
+from .relation import relation_kd_loss, token_relation
 from .selection import select_top_fraction
 from .sequence import sequence_logprob
 from .topk import topk_kd_loss
@@ -22,7 +23,8 @@ from . import methods  # noqa: E402  (built on the ops above)
 
 __all__ = [
     "BACKENDS", "adaspec_loss", "available_backends", "coactivation_features", "coactivation_graph",
-    "fused_linear_kd_loss", "gw_1d", "kd_loss", "methods", "nn", "reference", "select_top_fraction",
-    "sequence_logprob", "sliced_gw", "sorted_gw", "topk_kd_loss", "use_backend",
+    "fused_linear_kd_loss", "gw_1d", "kd_loss", "methods", "nn", "reference", "relation_kd_loss",
+    "select_top_fraction", "sequence_logprob", "sliced_gw", "sorted_gw", "token_relation", "topk_kd_loss",
+    "use_backend",
 ]
 __version__ = "0.1.0"

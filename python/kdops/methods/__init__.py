@@ -19,16 +19,18 @@ from .adaspec import AdaSPEC
 from .akl import AKL, akl_gaps
 from .distillm import DistiLLM
 from .gkd import GKD
+from .gram_relation import GramRelationKD
 from .infigfusion import InfiGFusion
 from .miniplm import DifferenceSampler, difference_scores
 from .offline_topk import OfflineTopKKD, topk_teacher
 from .swing import LinearTemperature, SwingDistillation
 from .token_kd import TokenKD, acceptance_rate
+from .trg import TRG
 
 __all__ = [
     "AKL", "AdaSPEC", "CTKD", "DHO", "DIST", "DKD", "DifferenceSampler", "DistiLLM", "DualHead",
-    "GKD", "HintonKD", "InfiGFusion", "LinearTemperature", "LogitStandardized",
+    "GKD", "GramRelationKD", "HintonKD", "InfiGFusion", "LinearTemperature", "LogitStandardized",
     "LogitStandardizedDKD", "LogitStandardizedKD", "MultiTeacherKD", "NKD", "OfflineTopKKD", "PSKD",
-    "SwingDistillation", "TokenKD", "USKD", "acceptance_rate", "akl_gaps", "difference_scores",
+    "SwingDistillation", "TRG", "TokenKD", "USKD", "acceptance_rate", "akl_gaps", "difference_scores",
     "standardize_logits", "topk_teacher",
 ]
