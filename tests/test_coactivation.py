@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 import kdops.reference.coactivation as ref
+from record_ops import RecordKdopsOps
 
 TRANSFORMS = ("softmax", "logits")
 
@@ -23,19 +23,6 @@ TRANSFORMS = ("softmax", "logits")
 # to the largest feature), and for gradients one more rounding to the input dtype (its eps).
 FEATURE_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}
 GRAD_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
-
-
-class RecordKdopsOps(TorchDispatchMode):
-    """Records every kdops::* operator that reaches the dispatcher inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kdops":
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _logits(shape, seed, dtype=torch.float32, neg_inf=0.0, ties=False):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from triton_device import triton_device_or_skip
 
@@ -30,6 +29,7 @@ import kdops  # noqa: E402
 import kdops.reference.coactivation as ref  # noqa: E402
 from kdops.kernels import TRITON_OPS  # noqa: E402
 from kdops.kernels import coactivation as triton_coactivation  # noqa: E402
+from record_ops import RecordKdopsOps
 
 pytestmark = [
     pytest.mark.triton_interpret,
@@ -64,19 +64,6 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(triton_coactivation, "MAX_BLOCK_V", 16)
     monkeypatch.setattr(triton_coactivation, "SCATTER_CHUNK", 16)
     monkeypatch.setattr(triton_coactivation, "RANK_BLOCK", 4)
-
-
-class RecordKdopsOps(TorchDispatchMode):
-    """Records every kdops::* operator that reaches the dispatcher inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kdops":
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

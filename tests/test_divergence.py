@@ -15,10 +15,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 import kdops.reference
+from record_ops import RecordKdopsOps
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -77,19 +77,6 @@ def assert_close(actual, expected, *, rtol, atol_rel, atol_abs=0.0, scale=None, 
 # --------------------------------------------------------------------------------------------
 # Detecting whether a kdops kernel ran (argument checks must run before any kernel).
 # --------------------------------------------------------------------------------------------
-
-
-class RecordKdopsOps(TorchDispatchMode):
-    """Records every kdops::* operator that reaches the dispatcher inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kdops":
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------------------------

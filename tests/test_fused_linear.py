@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 import kdops.reference
+from record_ops import RecordKdopsOps
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -67,19 +68,6 @@ def assert_close(actual, expected, *, rtol, atol_rel, what=""):
     scale = max(scale, 1.0) if what == "loss" else max(scale, 2.0**-7)
     torch.testing.assert_close(actual.detach().double(), expected, rtol=rtol, atol=atol_rel * scale,
                                msg=lambda m: f"{what}: {m}")
-
-
-class RecordKdopsOps(TorchDispatchMode):
-    """Records every kdops::* operator that reaches the dispatcher inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kdops":
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 import kdops.reference.relation as ref
+from record_ops import RecordKdopsOps
 
 KIND_CASES = [("kl", False), ("kl", True), ("mse", False), ("mse", True), ("infonce", False)]
 SCOPES = ("sequence", "batch")
@@ -28,19 +28,6 @@ SCOPES = ("sequence", "batch")
 # once to the input dtype (relative 2^-8 / 2^-11).
 LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.bfloat16: 3e-5, torch.float16: 3e-5}
 GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2**-7, torch.float16: 2**-9}
-
-
-class RecordKdopsOps(TorchDispatchMode):
-    """Records every kdops::* operator that reaches the dispatcher inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kdops":
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _feats(shape, seed, dtype=torch.float32):

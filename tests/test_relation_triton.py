@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from triton_device import triton_device_or_skip
 
@@ -31,6 +30,7 @@ import kdops  # noqa: E402
 import kdops.reference.relation as ref  # noqa: E402
 from kdops.kernels import TRITON_OPS  # noqa: E402
 from kdops.kernels import relation as triton_relation  # noqa: E402
+from record_ops import RecordKdopsOps
 
 pytestmark = [
     pytest.mark.triton_interpret,
@@ -56,19 +56,6 @@ def small_blocks(monkeypatch):
     """16-wide row, column, feature and gradient-feature blocks: several of each on tiny inputs."""
     for name in ("FORWARD_BLOCKS", "BACKWARD_BLOCKS"):
         monkeypatch.setattr(triton_relation, name, dict.fromkeys(getattr(triton_relation, name), 16))
-
-
-class RecordKdopsOps(TorchDispatchMode):
-    """Records every kdops::* operator that reaches the dispatcher inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kdops":
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _acc(dtype):

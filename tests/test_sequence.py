@@ -16,28 +16,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 import kdops.reference
+from record_ops import RecordKdopsOps
 
 REDUCTIONS = ("mean", "sum", "none")
 INF = float("inf")
 NAN = float("nan")
 IGNORE = -100
-
-
-class RecordKdopsOps(TorchDispatchMode):
-    """Records every kdops::* operator call (name and arguments) inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kdops":
-            self.calls.append((str(func), args))
-        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,28 +16,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 import kdops.reference
+from record_ops import RecordKdopsOps
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
 INF = float("inf")
 HYPOTHESIS = settings(max_examples=25, deadline=None)
-
-
-class RecordKdopsOps(TorchDispatchMode):
-    """Records every kdops::* operator that reaches the dispatcher inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kdops":
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------------------------
