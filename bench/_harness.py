@@ -6,12 +6,15 @@ Nothing in here knows about a particular op family. A bench script:
 2. in the parent process, calls :func:`run_worker` once per (provider, group of cases); the
    worker is the same script re-invoked with ``--worker`` and prints one :func:`emit_result`
    line per case;
-3. in the worker, uses :func:`time_fn` for timing and :class:`PeakMemory` for the peak memory of one
-   call, so that every provider's memory is measured in a process of its own (allocator state,
-   ``torch.compile`` caches and the high-water mark of one provider cannot leak into another's);
+3. in the worker, uses :func:`measure_call` (built on :func:`time_fn` for timing and
+   :class:`PeakMemory` for the peak memory of one call), so that every provider's memory is
+   measured in a process of its own (allocator state, ``torch.compile`` caches and the high-water
+   mark of one provider cannot leak into another's);
 4. prints the collected rows with :func:`format_table` or :func:`format_markdown_table`, writes
    them with :func:`write_json` (plus :func:`machine_info`) and optionally draws them with
-   :func:`plot_bars`.
+   :func:`plot_bars`; :func:`run_providers` and :func:`write_report` do steps 2 and 4 for the
+   common layout (one worker per provider over the whole plan; a JSON, a markdown table and a
+   plot of median times).
 
 Ceilings: :func:`copy_bandwidth` times a device-to-device copy (bytes = read + write), the practical
 bandwidth a streaming kernel can reach on the device; a script can report each result's least
@@ -121,6 +124,51 @@ def summarize_times(times: Sequence[float]) -> dict[str, Any]:
         "min_s": min(times) if times else None,
         "reps": len(times),
     }
+
+
+def measure_call(
+    call: Callable[[], Any],
+    *,
+    setup: Callable[[], Any],
+    device: str,
+    reps: int,
+    memory_ok: bool,
+    warmup: int = 1,
+    first: Callable[[Any], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One benchmark case in a worker: the first call, then the timed calls with the peak memory.
+
+    The first call (after ``setup``) compiles where a provider compiles and is timed on its own
+    as ``first_call_s``; ``first(result)`` returns the values recorded from it (a loss to
+    cross-check between providers). Then :func:`time_fn` runs ``warmup`` + ``reps`` calls with
+    a :class:`PeakMemory` around the first timed one when ``memory_ok`` (the peak RSS can be
+    reset, or CUDA); otherwise memory is recorded as unavailable. ``setup`` runs once more at
+    the end to drop what the last call left (``.grad``).
+
+    Returns ``first_call_s``, ``first``'s keys, :func:`summarize_times`'s keys,
+    ``mem_extra_bytes`` and ``mem_method``.
+    """
+    out: dict[str, Any] = {}
+    setup()
+    t0 = time.perf_counter()
+    result = call()
+    synchronize(device)
+    out["first_call_s"] = time.perf_counter() - t0
+    if first is not None:
+        out.update(first(result))
+    del result
+    mem = PeakMemory(device) if memory_ok else None
+    times = time_fn(call, device=device, reps=reps, warmup=warmup, setup=setup, memory=mem)
+    out.update(summarize_times(times))
+    out.update(mem_extra_bytes=mem.extra if mem else 0, mem_method=mem.method if mem else "unavailable")
+    setup()
+    return out
+
+
+def error_text(e: BaseException, limit: int = 300) -> str:
+    """A result row's ``error``: the exception's type and first line (an OOM, a backend not built)."""
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first_line}"[:limit]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,6 +323,37 @@ def run_worker(
     return records, error
 
 
+def run_providers(
+    script: str,
+    providers: Sequence[str],
+    plan: Sequence[str],
+    worker_args: Sequence[str],
+    *,
+    timeout: float | None,
+) -> list[dict[str, Any]]:
+    """Run one worker per provider over the whole plan (``script --worker PROVIDER CASES ...``).
+
+    Returns every provider's records in order; a worker's error is printed as a note on stderr
+    and the records it printed before it are kept.
+    """
+    results: list[dict[str, Any]] = []
+    for provider in providers:
+        records, error = run_worker(script, [provider, ",".join(plan), *worker_args], timeout=timeout)
+        results += records
+        if error:
+            print(f"note: {provider}: {error}", file=sys.stderr)
+    return results
+
+
+def common_worker_args(args) -> list[str]:
+    """The worker command line for the options every worker-based script shares."""
+    worker_args = ["--device", args.device, "--seed", str(args.seed),
+                   "--compile-backend", args.compile_backend]
+    worker_args += ["--quick"] if args.quick else []
+    worker_args += ["--reps", str(args.reps)] if args.reps else []
+    return worker_args
+
+
 # --------------------------------------------------------------------------------------------------
 # Machine info and output
 
@@ -345,6 +424,50 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
         json.dump(payload, f, indent=1, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_report(
+    out: str,
+    *,
+    device: str,
+    results: list[dict[str, Any]],
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    title: str,
+    intro: str,
+    plot: bool,
+    plot_title: str,
+    providers: Sequence[str],
+    case_key: Callable[[dict[str, Any]], tuple],
+    case_label: Callable[[tuple], str],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The common tail of a worker-based script: print the table, write JSON, markdown and plot.
+
+    JSON at ``out``: ``machine``, then ``extra``'s entries (e.g. ``copy``), ``results``,
+    ``argv``. Markdown next to it: ``# {title} ({device name})``, ``intro``, the table.
+    Plot (when ``plot``) next to it: median seconds per case (``case_key`` of the rows without an
+    error, sorted, labelled by ``case_label``) and provider, log scale.
+    """
+    print(format_table(headers, rows))
+    info = machine_info(device)
+    device_name = info.get("device_name", device)
+    write_json(out, {"machine": info, **(extra or {}), "results": results, "argv": sys.argv[1:]})
+    md = os.path.splitext(out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"# {title} ({device_name})\n\n")
+        f.write(intro + "\n\n")
+        f.write(format_markdown_table(headers, rows) + "\n")
+    if plot:
+        ok = [r for r in results if "error" not in r]
+        groups = sorted({case_key(r) for r in ok})
+        series = {}
+        for provider in providers:
+            median = {case_key(r): r["median_s"] for r in ok if r["provider"] == provider}
+            series[provider] = [median.get(g) for g in groups]
+        plot_bars(os.path.splitext(out)[0] + ".png", [case_label(g) for g in groups], series,
+                  ylabel="seconds (median)", title=f"{plot_title} on {device_name}", log=True)
+    print(f"wrote {out} and {md}")
 
 
 def _sig3(x: float) -> str:

@@ -28,7 +28,6 @@ import contextlib
 import gc
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +123,7 @@ def worker_main(args) -> int:
                 rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
                 rec["peak_ratio"] = rec["peak_bytes"] / rec["budget_bytes"]
             except Exception as e:  # e.g. out of memory: a row with the error
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                rec["error"] = H.error_text(e)
             H.emit_result(rec)
             gc.collect()
         del draft, reference, target, valid
@@ -144,23 +143,9 @@ def run_case(fn, draft, reference, target, valid, pass_: str, device: str, reps:
             loss.backward()
         return loss
 
-    out: dict[str, Any] = {}
-    setup()
-    t0 = time.perf_counter()
-    loss = call()  # compiles (compile provider); its value is cross-checked between providers
-    H.synchronize(device)
-    out["first_call_s"] = time.perf_counter() - t0
-    out["loss"] = float(loss.detach().float())
-    del loss
-    mem = H.PeakMemory(device) if hwm_ok else None
-    times = H.time_fn(call, device=device, reps=reps, warmup=1, setup=setup, memory=mem)
-    out.update(H.summarize_times(times))
-    if mem is not None:
-        out.update(mem_extra_bytes=mem.extra, mem_method=mem.method)
-    else:
-        out.update(mem_extra_bytes=0, mem_method="unavailable")
-    setup()
-    return out
+    # the first call compiles (compile provider); its loss is cross-checked between providers
+    return H.measure_call(call, setup=setup, device=device, reps=reps, memory_ok=hwm_ok,
+                          first=lambda loss: {"loss": float(loss.detach().float())})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,9 +164,12 @@ def floor_bytes(r: dict) -> float:
     return reads
 
 
+def case_key(r: dict) -> tuple:
+    return r["N"], r["V"], r["dtype"], r["pass_"]
+
+
 def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list[str]]]:
-    key = lambda r: (r["N"], r["V"], r["dtype"], r["pass_"])  # noqa: E731
-    eager = {key(r): r for r in results if r["provider"] == "eager" and "error" not in r}
+    eager = {case_key(r): r for r in results if r["provider"] == "eager" and "error" not in r}
     bw = copy["bandwidth_Bps"] if copy and "bandwidth_Bps" in copy else None
     headers = ["case", "pass", "provider", "time", "vs eager", "peak", "peak/budget", "peak/eager"]
     if bw:
@@ -192,7 +180,7 @@ def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list
         if "error" in r:
             rows.append([case, r["pass_"], r["provider"], r["error"][:60]] + [""] * (len(headers) - 4))
             continue
-        base = eager.get(key(r))
+        base = eager.get(case_key(r))
         speed = base["median_s"] / r["median_s"] if base else None
         mem = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None
         row = [case, r["pass_"], r["provider"], H.fmt_time(r["median_s"]), H.fmt_ratio(speed),
@@ -234,43 +222,23 @@ def main(argv=None) -> int:
                                                          GPU_PLAN if cuda else CPU_PLAN)
     tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
     out = args.out or os.path.join(HERE, "results", f"adaspec_{tag}.json")
-    worker_args = ["--device", args.device, "--fraction", str(args.fraction), "--temperature",
-                   str(args.temperature), "--seed", str(args.seed), "--compile-backend",
-                   args.compile_backend]
-    worker_args += ["--quick"] if args.quick else []
-    worker_args += ["--reps", str(args.reps)] if args.reps else []
+    worker_args = H.common_worker_args(args)
+    worker_args += ["--fraction", str(args.fraction), "--temperature", str(args.temperature)]
 
     copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20)) if cuda else None
-    results: list[dict] = []
-    for provider in args.providers.split(","):
-        records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
-                                      timeout=args.worker_timeout or (120 if cuda else 3600))
-        results += records
-        if error:
-            print(f"note: {provider}: {error}", file=sys.stderr)
+    providers = args.providers.split(",")
+    results = H.run_providers(__file__, providers, plan, worker_args,
+                              timeout=args.worker_timeout or (120 if cuda else 3600))
 
     headers, rows = report(results, copy)
-    print(H.format_table(headers, rows))
-    info = H.machine_info(args.device)
-    H.write_json(out, {"machine": info, "copy": copy, "results": results, "argv": sys.argv[1:]})
-    md = os.path.splitext(out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(f"# adaspec_loss benchmark ({info.get('device_name', args.device)})\n\n")
-        f.write(f"fraction={args.fraction}, {COUNTED:.0%} of tokens counted. Times are medians; "
-                "`vs eager` is the speedup over the eager PyTorch step in the same run; peak includes "
-                "the inputs, budget = inputs + one gradient buffer.\n\n")
-        f.write(H.format_markdown_table(headers, rows) + "\n")
-    if not args.no_plot:
-        groups = sorted({(r["N"], r["V"], r["dtype"], r["pass_"]) for r in results if "error" not in r})
-        labels = [f"{n}x{v} {dt} {p}" for n, v, dt, p in groups]
-        series = {}
-        for prov in args.providers.split(","):
-            by = {(r["N"], r["V"], r["dtype"], r["pass_"]): r["median_s"]
-                  for r in results if r["provider"] == prov and "error" not in r}
-            series[prov] = [by.get(g) for g in groups]
-        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
-                    title=f"adaspec_loss on {info.get('device_name', args.device)}", log=True)
-    print(f"wrote {out} and {md}")
+    H.write_report(
+        out, device=args.device, results=results, headers=headers, rows=rows, extra={"copy": copy},
+        title="adaspec_loss benchmark",
+        intro=f"fraction={args.fraction}, {COUNTED:.0%} of tokens counted. Times are medians; "
+              "`vs eager` is the speedup over the eager PyTorch step in the same run; peak includes "
+              "the inputs, budget = inputs + one gradient buffer.",
+        plot=not args.no_plot, plot_title="adaspec_loss", providers=providers, case_key=case_key,
+        case_label=lambda g: "{}x{} {} {}".format(*g))
     return 0
 
 

@@ -34,7 +34,6 @@ import contextlib
 import gc
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +155,7 @@ def worker_main(args) -> int:
                 rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
                 rec["peak_ratio"] = rec["peak_bytes"] / rec["budget_bytes"]
             except Exception as e:  # e.g. out of memory, or a backend not built: a row with the error
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                rec["error"] = H.error_text(e)
             H.emit_result(rec)
             gc.collect()
         del student, teacher
@@ -176,20 +175,9 @@ def run_case(fn, student, teacher, k, mask, pass_: str, device: str, reps: int, 
             loss.backward()
         return loss
 
-    out: dict[str, Any] = {}
-    setup()
-    t0 = time.perf_counter()
-    loss = call()  # compiles (compile provider); its value is cross-checked between providers
-    H.synchronize(device)
-    out["first_call_s"] = time.perf_counter() - t0
-    out["loss"] = float(loss.detach())
-    del loss
-    mem = H.PeakMemory(device) if hwm_ok else None
-    times = H.time_fn(call, device=device, reps=reps, warmup=1, setup=setup, memory=mem)
-    out.update(H.summarize_times(times))
-    out.update(mem_extra_bytes=mem.extra if mem else 0, mem_method=mem.method if mem else "unavailable")
-    setup()
-    return out
+    # the first call compiles (compile provider); its loss is cross-checked between providers
+    return H.measure_call(call, setup=setup, device=device, reps=reps, memory_ok=hwm_ok,
+                          first=lambda loss: {"loss": float(loss.detach())})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,48 +248,27 @@ def main(argv=None) -> int:
                                                         GPU_PLAN if cuda else CPU_PLAN)
     tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
     out = args.out or os.path.join(HERE, "results", f"coactivation_{tag}.json")
-    worker_args = ["--device", args.device, "--seed", str(args.seed), "--compile-backend", args.compile_backend,
-                   "--graph-gib", str(args.graph_gib)]
-    worker_args += ["--quick"] if args.quick else []
-    worker_args += ["--reps", str(args.reps)] if args.reps else []
+    worker_args = H.common_worker_args(args) + ["--graph-gib", str(args.graph_gib)]
 
     copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20)) if cuda else None
-    results: list[dict] = []
-    for provider in args.providers.split(","):
-        records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
-                                      timeout=args.worker_timeout or (300 if cuda else 1800))
-        results += records
-        if error:
-            print(f"note: {provider}: {error}", file=sys.stderr)
+    providers = args.providers.split(",")
+    results = H.run_providers(__file__, providers, plan, worker_args,
+                              timeout=args.worker_timeout or (300 if cuda else 1800))
 
     headers, rows = report(results, copy)
-    print(H.format_table(headers, rows))
-    info = H.machine_info(args.device)
-    H.write_json(out, {"machine": info, "copy": copy, "results": results, "argv": sys.argv[1:]})
-    md = os.path.splitext(out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(f"# coactivation_features benchmark: InfiGFusion's GLD term "
-                f"({info.get('device_name', args.device)})\n\n")
-        f.write("sorted_gw between the top-k co-activation features of a student and a teacher "
-                f"(tau = {TEMPERATURE}, the first T/8 positions masked). Times are medians; `vs eager` "
-                "is the speedup over the eager PyTorch pipeline in the same run; peak includes the "
-                "inputs, budget = inputs + one gradient buffer (fwd: the inputs); `loss` agrees "
-                "across providers up to ties among the k-th logits"
-                + ("; `floor/time`: reading both logits once (+ writing the student's gradient) "
-                   "at the copy bandwidth measured in this run, over the time" if copy else "")
-                + ".\n\n")
-        f.write(H.format_markdown_table(headers, rows) + "\n")
-    if not args.no_plot:
-        groups = sorted({case_key(r) for r in results if "error" not in r})
-        labels = [f"{b}x{t}x{v} {dt} k={k} {p}" for b, t, v, dt, k, p in groups]
-        series = {}
-        for prov in args.providers.split(","):
-            by = {case_key(r): r["median_s"] for r in results if r["provider"] == prov and "error" not in r}
-            series[prov] = [by.get(g) for g in groups]
-        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
-                    title=f"coactivation_features (GLD) on {info.get('device_name', args.device)}",
-                    log=True)
-    print(f"wrote {out} and {md}")
+    H.write_report(
+        out, device=args.device, results=results, headers=headers, rows=rows, extra={"copy": copy},
+        title="coactivation_features benchmark: InfiGFusion's GLD term",
+        intro="sorted_gw between the top-k co-activation features of a student and a teacher "
+              f"(tau = {TEMPERATURE}, the first T/8 positions masked). Times are medians; `vs eager` "
+              "is the speedup over the eager PyTorch pipeline in the same run; peak includes the "
+              "inputs, budget = inputs + one gradient buffer (fwd: the inputs); `loss` agrees "
+              "across providers up to ties among the k-th logits"
+              + ("; `floor/time`: reading both logits once (+ writing the student's gradient) "
+                 "at the copy bandwidth measured in this run, over the time" if copy else "")
+              + ".",
+        plot=not args.no_plot, plot_title="coactivation_features (GLD)", providers=providers,
+        case_key=case_key, case_label=lambda g: "{}x{}x{} {} k={} {}".format(*g))
     return 0
 
 

@@ -304,7 +304,7 @@ def copy_worker(args) -> int:
         rec.update(H.copy_bandwidth(args.device, int(args.copy_mib * 2**20), reps=reps,
                                     warmup=warmup))
     except Exception as e:
-        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        rec["error"] = H.error_text(e)
     H.emit_result(rec)
     return 0
 
@@ -376,8 +376,7 @@ def worker_main(args) -> int:
                                         hwm_ok))
                     rec["peak_ratio"] = rec["peak_bytes"] / rec["budget_bytes"]
                 except Exception as e:
-                    rec["error"] = (f"{type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else ''}")[:500]
+                    rec["error"] = H.error_text(e, limit=500)
                 H.emit_result(rec)
                 # The exception (and its frames, which hold the call's tensors) is gone here:
                 # give an out-of-memory case's blocks back before the next case.

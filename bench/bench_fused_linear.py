@@ -155,22 +155,16 @@ def run_case(fn, inputs, pass_: str, device: str, reps: int, warmup: int) -> dic
         for x in leaves:
             x.grad = None
 
-    out: dict[str, Any] = {}
-    setup()
-    t0 = time.perf_counter()
-    loss = call()
-    H.synchronize(device)
-    out["first_call_s"] = time.perf_counter() - t0
-    out["loss"] = float(loss.detach().float())
-    if leaves:
-        out["grad_norms"] = [float(torch.linalg.vector_norm(x.grad, dtype=torch.float32)) for x in leaves]
-    del loss
-    memory = H.PeakMemory(device)
-    times = H.time_fn(call, device=device, reps=reps, warmup=warmup, setup=setup, memory=memory)
-    setup()
-    out.update(H.summarize_times(times))
-    out.update(mem_extra_bytes=memory.extra, mem_method=memory.method)
-    return out
+    def first(loss):
+        values: dict[str, Any] = {"loss": float(loss.detach().float())}
+        if leaves:
+            values["grad_norms"] = [float(torch.linalg.vector_norm(x.grad, dtype=torch.float32))
+                                    for x in leaves]
+        return values
+
+    # main() refuses a CPU whose peak RSS cannot be reset, so memory is always measured here
+    return H.measure_call(call, setup=setup, device=device, reps=reps, memory_ok=True, warmup=warmup,
+                          first=first)
 
 
 def worker_main(args) -> int:
@@ -219,7 +213,7 @@ def worker_main(args) -> int:
                     rec.update(run_case(fns[d], inputs, p, device, reps, warmup))
                     rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
                 except Exception as e:
-                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    rec["error"] = H.error_text(e)
                 H.emit_result(rec)
                 gc.collect()
                 if "error" in rec and device.startswith("cuda"):

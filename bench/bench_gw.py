@@ -26,7 +26,6 @@ import argparse
 import gc
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -141,8 +140,7 @@ def worker_main(args) -> int:
                 rec.update(run_case(fn, a, c, pass_, device, reps, hwm_ok))
                 rec["peak_bytes"] = rec["input_bytes"] + rec["mem_extra_bytes"]
             except Exception as e:  # e.g. out of memory: a row with the error
-                first_line = str(e).splitlines()[0] if str(e) else ""
-                rec["error"] = f"{type(e).__name__}: {first_line}"[:300]
+                rec["error"] = H.error_text(e)
             H.emit_result(rec)
             gc.collect()
     return 0
@@ -162,21 +160,9 @@ def run_case(fn, a, c, pass_: str, device: str, reps: int, hwm_ok: bool) -> dict
             value.sum().backward()
         return value
 
-    out: dict[str, Any] = {}
-    setup()
-    t0 = time.perf_counter()
-    value = call()  # compiles (compile provider)
-    H.synchronize(device)
-    out["first_call_s"] = time.perf_counter() - t0
-    out["value"] = float(value.detach().double().sum())
-    del value
-    mem = H.PeakMemory(device) if hwm_ok else None
-    times = H.time_fn(call, device=device, reps=reps, warmup=1, setup=setup, memory=mem)
-    out.update(H.summarize_times(times))
-    out.update(mem_extra_bytes=mem.extra if mem else 0,
-               mem_method=mem.method if mem else "unavailable")
-    setup()
-    return out
+    # the first call compiles (compile provider)
+    return H.measure_call(call, setup=setup, device=device, reps=reps, memory_ok=hwm_ok,
+                          first=lambda value: {"value": float(value.detach().double().sum())})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,9 +173,17 @@ def case_label(r: dict) -> str:
     return f"gw_1d n={r['n']}" if r["op"] == "gw_1d" else f"sorted_gw {r['B']}x{r['n']}"
 
 
+def case_key(r: dict) -> tuple:
+    return r["op"], r["B"], r["n"], r["pass_"]
+
+
+def case_key_label(key: tuple) -> str:
+    op, b, n, pass_ = key
+    return f"{case_label(dict(op=op, B=b, n=n))} {pass_}"
+
+
 def report(results: list[dict]) -> tuple[list[str], list[list[str]]]:
-    ours = {(r["op"], r["B"], r["n"], r["pass_"]): r for r in results
-            if r["provider"] == "kdops" and "error" not in r}
+    ours = {case_key(r): r for r in results if r["provider"] == "kdops" and "error" not in r}
     headers = ["case", "pass", "provider", "time", "kdops speedup", "peak", "value",
                "value - kdops"]
     rows = []
@@ -197,7 +191,7 @@ def report(results: list[dict]) -> tuple[list[str], list[list[str]]]:
         if "error" in r:
             rows.append([case_label(r), r["pass_"], r["provider"], r["error"][:60], "", "", "", ""])
             continue
-        base = ours.get((r["op"], r["B"], r["n"], r["pass_"]))
+        base = ours.get(case_key(r))
         speedup = r["median_s"] / base["median_s"] if base else None
         gap = f"{r['value'] - base['value']:+.3g}" if base else ""
         rows.append([case_label(r), r["pass_"], r["provider"], H.fmt_time(r["median_s"]),
@@ -233,42 +227,18 @@ def main(argv=None) -> int:
     plan = args.cases.split(",") if args.cases else (QUICK_PLAN if args.quick else PLAN)
     tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
     out = args.out or os.path.join(HERE, "results", f"gw_{tag}.json")
-    worker_args = ["--device", args.device, "--seed", str(args.seed),
-                   "--compile-backend", args.compile_backend]
-    worker_args += ["--quick"] if args.quick else []
-    worker_args += ["--reps", str(args.reps)] if args.reps else []
-
-    results: list[dict] = []
-    for provider in providers:
-        records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
-                                      timeout=args.worker_timeout or (120 if cuda else 1800))
-        results += records
-        if error:
-            print(f"note: {provider}: {error}", file=sys.stderr)
+    results = H.run_providers(__file__, providers, plan, H.common_worker_args(args),
+                              timeout=args.worker_timeout or (120 if cuda else 1800))
 
     headers, rows = report(results)
-    print(H.format_table(headers, rows))
-    info = H.machine_info(args.device)
-    H.write_json(out, {"machine": info, "results": results, "argv": sys.argv[1:]})
-    md = os.path.splitext(out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(f"# gw_1d / sorted_gw benchmark ({info.get('device_name', args.device)})\n\n")
-        f.write("Times are medians; `kdops speedup` is the provider's time over kdops' in the same "
-                "run; peak includes the inputs; `value` is the loss reached (gw_1d: lower is "
-                "better, ours is an upper bound on the GW value over permutations).\n\n")
-        f.write(H.format_markdown_table(headers, rows) + "\n")
-    if not args.no_plot:
-        groups = sorted({(r["op"], r["B"], r["n"], r["pass_"])
-                         for r in results if "error" not in r})
-        labels = [f"{case_label(dict(op=o, B=b, n=n))} {p}" for o, b, n, p in groups]
-        series = {}
-        for prov in providers:
-            by = {(r["op"], r["B"], r["n"], r["pass_"]): r["median_s"]
-                  for r in results if r["provider"] == prov and "error" not in r}
-            series[prov] = [by.get(g) for g in groups]
-        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
-                    title=f"GW approximations on {info.get('device_name', args.device)}", log=True)
-    print(f"wrote {out} and {md}")
+    H.write_report(
+        out, device=args.device, results=results, headers=headers, rows=rows,
+        title="gw_1d / sorted_gw benchmark",
+        intro="Times are medians; `kdops speedup` is the provider's time over kdops' in the same "
+              "run; peak includes the inputs; `value` is the loss reached (gw_1d: lower is "
+              "better, ours is an upper bound on the GW value over permutations).",
+        plot=not args.no_plot, plot_title="GW approximations", providers=providers,
+        case_key=case_key, case_label=case_key_label)
     return 0
 
 

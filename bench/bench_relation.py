@@ -27,7 +27,6 @@ import contextlib
 import gc
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +157,7 @@ def worker_main(args) -> int:
                                     device, reps, hwm_ok, warmup=0 if big else 1))
                 rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
             except Exception as e:  # e.g. out of memory: a row with the error
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                rec["error"] = H.error_text(e)
             H.emit_result(rec)
             gc.collect()
         del student, teacher
@@ -178,23 +177,9 @@ def run_case(fn, student, teacher, pass_: str, device: str, reps: int, hwm_ok: b
             loss.backward()
         return loss
 
-    out: dict[str, Any] = {}
-    setup()
-    t0 = time.perf_counter()
-    loss = call()  # compiles (compile provider); the loss is cross-checked between providers
-    H.synchronize(device)
-    out["first_call_s"] = time.perf_counter() - t0
-    out["loss"] = float(loss.detach().float())
-    del loss
-    mem = H.PeakMemory(device) if hwm_ok else None
-    times = H.time_fn(call, device=device, reps=reps, warmup=warmup, setup=setup, memory=mem)
-    out.update(H.summarize_times(times))
-    if mem is not None:
-        out.update(mem_extra_bytes=mem.extra, mem_method=mem.method)
-    else:
-        out.update(mem_extra_bytes=0, mem_method="unavailable")
-    setup()
-    return out
+    # the first call compiles (compile provider); the loss is cross-checked between providers
+    return H.measure_call(call, setup=setup, device=device, reps=reps, memory_ok=hwm_ok, warmup=warmup,
+                          first=lambda loss: {"loss": float(loss.detach().float())})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +193,11 @@ def case_key(r: dict) -> tuple:
 def case_name(r: dict) -> str:
     raw = "" if r["normalize"] else " raw"
     return f"{r['B']}x{r['N']}x{r['D']} {r['dtype']} {r['kind']}{raw}"
+
+
+def case_key_label(key: tuple) -> str:
+    b, n, d, dt, kind, normalize, pass_ = key
+    return f"{case_name(dict(B=b, N=n, D=d, dtype=dt, kind=kind, normalize=normalize))} {pass_}"
 
 
 def report(results: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -256,9 +246,7 @@ def main(argv=None) -> int:
     plan = args.cases.split(",") if args.cases else (QUICK_PLAN if args.quick else GPU_PLAN if cuda else CPU_PLAN)
     tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
     out = args.out or os.path.join(HERE, "results", f"relation_{tag}.json")
-    worker_args = ["--device", args.device, "--seed", str(args.seed), "--compile-backend", args.compile_backend]
-    worker_args += ["--quick"] if args.quick else []
-    worker_args += ["--reps", str(args.reps)] if args.reps else []
+    worker_args = H.common_worker_args(args)
 
     # One worker per (case, provider), the providers of a case back to back: on a shared machine
     # the background load drifts over minutes, and a case's providers should see the same one.
@@ -273,32 +261,19 @@ def main(argv=None) -> int:
                 print(f"note: {provider} {spec}: {error}", file=sys.stderr)
 
     headers, rows = report(results)
-    print(H.format_table(headers, rows))
-    info = H.machine_info(args.device)
-    H.write_json(out, {"machine": info, "results": results, "argv": sys.argv[1:]})
-    md = os.path.splitext(out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(f"# relation_kd_loss benchmark ({info.get('device_name', args.device)})\n\n")
-        f.write("Times are medians; `speed vs eager` is eager's time over the provider's; `peak` is the "
-                "memory a call needs with its inputs included, `extra` the same without them (both as "
-                "ratios to eager's in the same run). "
-                f"L2-normalized tokens at tau = {NORMALIZED_TEMPERATURE} (`raw`: not normalized, tau = "
-                "sqrt(D)), mean over tokens; "
-                "fwd_bwd: the student requires grad. Eager and compile materialize [B, N, N] relations "
-                "and are left out where those would not fit in memory. `loss` is equal across "
-                "providers.\n\n")
-        f.write(H.format_markdown_table(headers, rows) + "\n")
-    if not args.no_plot:
-        groups = sorted({case_key(r) for r in results if "error" not in r})
-        labels = [f"{case_name(dict(B=b, N=n, D=d, dtype=dt, kind=k, normalize=nz))} {p}"
-                  for b, n, d, dt, k, nz, p in groups]
-        series = {}
-        for prov in args.providers.split(","):
-            by = {case_key(r): r["median_s"] for r in results if r["provider"] == prov and "error" not in r}
-            series[prov] = [by.get(g) for g in groups]
-        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
-                    title=f"relation_kd_loss on {info.get('device_name', args.device)}", log=True)
-    print(f"wrote {out} and {md}")
+    H.write_report(
+        out, device=args.device, results=results, headers=headers, rows=rows,
+        title="relation_kd_loss benchmark",
+        intro="Times are medians; `speed vs eager` is eager's time over the provider's; `peak` is the "
+              "memory a call needs with its inputs included, `extra` the same without them (both as "
+              "ratios to eager's in the same run). "
+              f"L2-normalized tokens at tau = {NORMALIZED_TEMPERATURE} (`raw`: not normalized, tau = "
+              "sqrt(D)), mean over tokens; "
+              "fwd_bwd: the student requires grad. Eager and compile materialize [B, N, N] relations "
+              "and are left out where those would not fit in memory. `loss` is equal across "
+              "providers.",
+        plot=not args.no_plot, plot_title="relation_kd_loss", providers=args.providers.split(","),
+        case_key=case_key, case_label=case_key_label)
     return 0
 
 

@@ -27,7 +27,6 @@ import contextlib
 import gc
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +110,7 @@ def worker_main(args) -> int:
                 rec["peak_bytes"] = input_bytes + rec["mem_extra_bytes"]
                 rec["peak_ratio"] = rec["peak_bytes"] / rec["budget_bytes"]
             except Exception as e:  # e.g. out of memory: a row with the error
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                rec["error"] = H.error_text(e)
             H.emit_result(rec)
             gc.collect()
         del logits, labels
@@ -131,23 +130,9 @@ def run_case(fn, logits, labels, pass_: str, device: str, reps: int, hwm_ok: boo
             (-score.mean()).backward()
         return score
 
-    out: dict[str, Any] = {}
-    setup()
-    t0 = time.perf_counter()
-    score = call()  # compiles (compile provider); its mean is cross-checked between providers
-    H.synchronize(device)
-    out["first_call_s"] = time.perf_counter() - t0
-    out["score_mean"] = float(score.detach().float().mean())
-    del score
-    mem = H.PeakMemory(device) if hwm_ok else None
-    times = H.time_fn(call, device=device, reps=reps, warmup=1, setup=setup, memory=mem)
-    out.update(H.summarize_times(times))
-    if mem is not None:
-        out.update(mem_extra_bytes=mem.extra, mem_method=mem.method)
-    else:
-        out.update(mem_extra_bytes=0, mem_method="unavailable")
-    setup()
-    return out
+    # the first call compiles (compile provider); its mean is cross-checked between providers
+    return H.measure_call(call, setup=setup, device=device, reps=reps, memory_ok=hwm_ok,
+                          first=lambda score: {"score_mean": float(score.detach().float().mean())})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,40 +200,22 @@ def main(argv=None) -> int:
                                                          GPU_PLAN if cuda else CPU_PLAN)
     tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
     out = args.out or os.path.join(HERE, "results", f"sequence_{tag}.json")
-    worker_args = ["--device", args.device, "--seed", str(args.seed), "--compile-backend", args.compile_backend]
-    worker_args += ["--quick"] if args.quick else []
-    worker_args += ["--reps", str(args.reps)] if args.reps else []
+    worker_args = H.common_worker_args(args)
 
     copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20)) if cuda else None
-    results: list[dict] = []
-    for provider in args.providers.split(","):
-        records, error = H.run_worker(__file__, [provider, ",".join(plan), *worker_args],
-                                      timeout=args.worker_timeout or (60 if cuda else 3600))
-        results += records
-        if error:
-            print(f"note: {provider}: {error}", file=sys.stderr)
+    providers = args.providers.split(",")
+    results = H.run_providers(__file__, providers, plan, worker_args,
+                              timeout=args.worker_timeout or (60 if cuda else 3600))
 
     headers, rows = report(results, copy)
-    print(H.format_table(headers, rows))
-    info = H.machine_info(args.device)
-    H.write_json(out, {"machine": info, "copy": copy, "results": results, "argv": sys.argv[1:]})
-    md = os.path.splitext(out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(f"# sequence_logprob benchmark ({info.get('device_name', args.device)})\n\n")
-        f.write("Times are medians; `vs eager` is the speedup over the eager PyTorch pipeline in the "
-                "same run; peak includes the inputs, budget = inputs + one gradient buffer (fwd: the "
-                "inputs); `score` is the mean per-sequence log-probability (equal across providers).\n\n")
-        f.write(H.format_markdown_table(headers, rows) + "\n")
-    if not args.no_plot:
-        groups = sorted({case_key(r) for r in results if "error" not in r})
-        labels = [f"{b}x{t}x{v} {dt} {p}" for b, t, v, dt, p in groups]
-        series = {}
-        for prov in args.providers.split(","):
-            by = {case_key(r): r["median_s"] for r in results if r["provider"] == prov and "error" not in r}
-            series[prov] = [by.get(g) for g in groups]
-        H.plot_bars(os.path.splitext(out)[0] + ".png", labels, series, ylabel="seconds (median)",
-                    title=f"sequence_logprob on {info.get('device_name', args.device)}", log=True)
-    print(f"wrote {out} and {md}")
+    H.write_report(
+        out, device=args.device, results=results, headers=headers, rows=rows, extra={"copy": copy},
+        title="sequence_logprob benchmark",
+        intro="Times are medians; `vs eager` is the speedup over the eager PyTorch pipeline in the "
+              "same run; peak includes the inputs, budget = inputs + one gradient buffer (fwd: the "
+              "inputs); `score` is the mean per-sequence log-probability (equal across providers).",
+        plot=not args.no_plot, plot_title="sequence_logprob", providers=providers, case_key=case_key,
+        case_label=lambda g: "{}x{}x{} {} {}".format(*g))
     return 0
 
 
