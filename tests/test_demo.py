@@ -23,9 +23,16 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
+    """One in-process run of `--small`, on one thread. On an idle 2-core machine a second thread
+    saved about a fifth (28 s wall on two threads, 34 s of CPU on one), but with the other core
+    busy the two threads wait on each other: 234 s against 52 s on one thread."""
     out = tmp_path_factory.mktemp("demo")
     task = "all" if HAS_SKLEARN else "lm"
-    return demo.main(["--small", "--task", task, "--out", str(out)]), out
+    threads = torch.get_num_threads()
+    try:
+        yield demo.main(["--small", "--task", task, "--threads", "1", "--out", str(out)]), out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def mean_of(methods: dict, name: str, measure: str) -> float:
