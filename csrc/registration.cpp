@@ -93,22 +93,26 @@ TORCH_LIBRARY(kdops, m) {
   // Token relation distillation (DESIGN.md 3.6) over student [G, N, D_s] and teacher [G, N, D_t]
   // features (same dtype, last dim contiguous), without an N x N matrix: per valid row (valid
   // [G, N] bool or None) the kind's value r_i over the relations F F^T / temperature (a 0-d
-  // accumulate-type tensor) of its group's valid tokens (less itself when exclude_diagonal).
-  // row_loss [G, N] accumulate type (0 at rows that do not count); row_stats [G, N, 4], what
-  // backward needs: kl (lse_s, lse_t, r, 0), mse (lse_s, lse_t, sigma_s, sigma_t), infonce
-  // (lse_c, 0, 0, 0).
+  // accumulate-type tensor) of its group's valid tokens (less itself when exclude_diagonal), of
+  // the L2-normalized tokens when normalize (fused: no normalized copy). row_loss [G, N]
+  // accumulate type (0 at rows that do not count); row_stats [G, N, 4], what backward needs: kl
+  // (lse_s, lse_t, r, 0), mse (lse_s, lse_t, sigma_s, sigma_t), infonce (lse_c, 0, 0, 0).
   m.def(
       "relation_kd_loss(Tensor student, Tensor teacher, Tensor temperature, Tensor? valid, "
-      "str kind, bool exclude_diagonal) -> (Tensor row_loss, Tensor row_stats)",
+      "str kind, bool exclude_diagonal, bool normalize) -> (Tensor row_loss, Tensor row_stats)",
       {at::Tag::pt2_compliant_tag});
 
   // The feature gradients of relation_kd_loss for grad_row_loss [G, N] (accumulate type, ignored
   // at rows that do not count), recomputing the relation tiles; in the input dtype, shaped like
-  // the features; a gradient not asked for is an empty [0] tensor.
+  // the features; a gradient not asked for is an empty [0] tensor. row_dots [G, N, 2] (accumulate
+  // type): per token <g, u> of the student's and the teacher's gradient g with respect to the
+  // relation tokens u (0 where not asked for), from which the temperature's gradient follows
+  // (csrc/relation/relation.h).
   m.def(
       "relation_kd_loss_backward(Tensor grad_row_loss, Tensor student, Tensor teacher, "
       "Tensor temperature, Tensor? valid, Tensor row_stats, str kind, bool exclude_diagonal, "
-      "bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)",
+      "bool normalize, bool student_grad, bool teacher_grad) -> (Tensor grad_student, "
+      "Tensor grad_teacher, Tensor row_dots)",
       {at::Tag::pt2_compliant_tag});
 }
 

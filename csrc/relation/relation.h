@@ -17,12 +17,26 @@
 //   kl: (lse_s, lse_t, r_i, 0)   mse: (lse_s, lse_t, sigma_s, sigma_t)   infonce: (lse_c, 0, 0, 0)
 // with sigma_s = sum_j q_j d_j and sigma_t = sum_j p_j d_j.
 //
+// Normalization is fused (no normalized copy): with normalize, the relations are those of the
+// unit tokens u_i = s_i F_i, s_i = 1 / max(|F_i|, eps) (F.normalize's rule), so an entry is the
+// raw inner product x_ij = <F_i, F_j> times s_i s_j / tau. The op computes the norms |F_i| in the
+// accumulate type (params.student_norm, params.teacher_norm; nullptr: s = 1); the kernels scale
+// each tile entry by the row's and the column's s.
+//
 // Backward, w_i = grad_row_loss[i] (0 at rows that do not count). Self relations (kl, mse) are
-// symmetric, so entry (i, j) of the student's matrix feeds row i and row j:
-//   dF_s[i] = (1/tau) sum_j (dA_ij + dA_ji) F_s[j],   dA_ij = w_i dr_i/da_j   (same for F_t, dB)
+// symmetric, so entry (i, j) of the student's matrix feeds row i and row j; with respect to the
+// relation tokens u,
+//   g_i = sum_j M_ij u_j,   M_ij = (dA_ij + dA_ji) / tau,   dA_ij = w_i dr_i/da_j  (same for F_t)
 // and both terms come from the one tile entry S[i, j] = S[j, i] (the second with row j's
 // statistics). infonce: dC_ij = w_i (softmax_j(c)_j - [j == i]);
-//   dF_s[i] = (1/tau) sum_j dC_ij F_t[j],   dF_t[j] = (1/tau) sum_i dC_ij F_s[i].
+//   g_s[i] = (1/tau) sum_j dC_ij u_t[j],   g_t[j] = (1/tau) sum_i dC_ij u_s[i].
+// On the raw features, with the kernel weights W_ij = s_i s_j M_ij applied to raw F_j and the row
+// dot c_i = <g_i, u_i> = sum_j W_ij x_ij (accumulated from the same tile entries),
+//   dF_i = sum_j W_ij F_j - rho_i F_i,   rho_i = s_i^2 c_i if normalizing and |F_i| > eps, else 0
+// (u's Jacobian (I - u u^T) / |F| on the unclamped rows, I / eps on the clamped ones). Backward
+// also returns c per token (row_dots [G, N, 2]: the student's, the teacher's; 0 for a gradient not
+// asked for): the temperature's gradient is
+//   dL/dtau = -(sum_i c_s[i] + sum_i c_t[i]) / (2 tau)  (kl, mse),   -sum_i c_s[i] / tau (infonce).
 #pragma once
 
 #include <cstdint>
@@ -36,6 +50,13 @@ enum class RelationKind : int32_t { kKl, kMse, kInfonce };
 // Slots of a row of row_stats (infonce keeps its lse in kLseStudent).
 inline constexpr int64_t kRelationStats = 4;
 enum RelationStat : int32_t { kLseStudent = 0, kLseTeacher = 1, kRowStat0 = 2, kRowStat1 = 3 };
+
+// Slots of a row of row_dots (backward's per-token c_i).
+inline constexpr int64_t kRelationDots = 2;
+enum RelationDot : int32_t { kDotStudent = 0, kDotTeacher = 1 };
+
+// F.normalize's eps: tokens with |F| <= eps are divided by eps instead.
+inline constexpr double kRelationNormEps = 1e-12;
 
 struct RelationParams {
   // Features, input dtype, last dim contiguous; any group and token strides.
@@ -52,6 +73,10 @@ struct RelationParams {
   int64_t tokens = 0;  // N
   const void* temperature = nullptr;  // accumulate-type scalar, on the features' device
   const bool* valid = nullptr;        // [G, N] contiguous; nullptr: every token counts
+  // normalize: the tokens' L2 norms, [G, N] accumulate type, contiguous; nullptr: raw features.
+  // Both are set or neither.
+  const void* student_norm = nullptr;
+  const void* teacher_norm = nullptr;
   RelationKind kind = RelationKind::kKl;
   bool exclude_diagonal = false;
 
@@ -64,11 +89,29 @@ struct RelationParams {
   const void* grad_row_loss = nullptr;
   void* grad_student = nullptr;
   void* grad_teacher = nullptr;
+  // row_dots [G, N, 2] accumulate type, contiguous, zero-filled by the host: c_i of the student
+  // (slot kDotStudent) where grad_student is set, of the teacher where grad_teacher is.
+  void* row_dots = nullptr;
 
   KD_HOST_DEVICE bool counts(int64_t group, int64_t token) const {
     return !valid || valid[group * tokens + token];
   }
 };
+
+// s_i of a token of L2 norm `norm` (normalize).
+template <typename Acc>
+KD_HOST_DEVICE Acc relation_scale(Acc norm) {
+  return Acc(1) / (norm > Acc(kRelationNormEps) ? norm : Acc(kRelationNormEps));
+}
+
+// rho_i of relation.h's backward (dF_i = sum_j W_ij F_j - rho_i F_i) from the token's norm and
+// c_i; `norm` is null without normalize.
+template <typename Acc>
+KD_HOST_DEVICE Acc relation_radial(const Acc* norm, int64_t token, Acc row_dot) {
+  if (!norm || !(norm[token] > Acc(kRelationNormEps))) return Acc(0);
+  const Acc s = Acc(1) / norm[token];
+  return s * s * row_dot;
+}
 
 // n_i of a valid row, from the number of valid tokens in its group.
 KD_HOST_DEVICE int64_t relation_columns(int64_t valid_tokens, bool exclude_diagonal) {

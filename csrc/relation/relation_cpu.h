@@ -11,9 +11,10 @@
 namespace kdops::cpu {
 
 // Rows [row_begin, row_end) of group `group` and their strips: (rows x tokens) accumulate-type
-// matrices, row stride ld, holding raw (untempered) inner products. The kernels temper and mask
-// them in place and, in backward, overwrite them with the gradient weights M (already times
-// 1/tau), so that dF[rows] = M @ F.
+// matrices, row stride ld, holding raw (unscaled, untempered) inner products. The kernels scale,
+// temper and mask them in place and, in backward, overwrite them with the gradient weights W
+// (relation.h) and write the rows' c into params.row_dots, so that
+// dF[rows] = W @ F - rho F[rows].
 struct RelationBlock {
   int64_t group = 0;
   int64_t row_begin = 0;
@@ -21,6 +22,9 @@ struct RelationBlock {
   int64_t ld = 0;
   void* student_strip = nullptr;  // S_s rows (kl, mse); C rows, or C^T rows in the column pass
   void* teacher_strip = nullptr;  // S_t rows (kl, mse); unused for infonce
+  // normalize: s = 1 / max(|F|, eps) of the group's N student and teacher tokens; nullptr: 1.
+  const void* student_scale = nullptr;
+  const void* teacher_scale = nullptr;
 };
 
 // What backward reads per column token, [G, N] accumulate type each, contiguous: the row weights

@@ -2,13 +2,14 @@
 // writes each block's strips of raw inner products with BLAS (block x N, never N x N) and calls
 // these kernels on them; a strip is about 512 KiB, so the sweeps below read it from cache.
 //
-// Forward, per row: sweep 1 tempers and masks the strip in place (x / tau on the row's columns,
-// -inf elsewhere, so later sweeps need no mask) and takes its maximum; sweep 2 sums the
+// Forward, per row: sweep 1 scales, tempers and masks the strip in place (x s_i s_j / tau on the
+// row's columns, -inf elsewhere, so later sweeps need no mask) and takes its maximum; sweep 2 sums the
 // exponentials: kl finishes there with its shifted weighted sum (relation.h; two sweeps over a row
 // in cache beat the online rescaling, which costs an exp per element more); mse takes one more
 // sweep for d = p - q against the now known lse. Backward, per row: one sweep computes both terms
-// of each gradient entry (row i's with its statistics, row j's with the column arrays) and
-// overwrites the strip with M, ready for dF = M @ F. Rows are independent and nothing here
+// of each gradient entry (row i's with its statistics, row j's with the column arrays),
+// overwrites the strip with W (relation.h), ready for dF = W @ F, and sums the row's c = W . x.
+// Without normalize the scales are ones (one more multiply per entry instead of two loops). Rows are independent and nothing here
 // depends on which thread runs a block. Compiled per instruction set with KD_CPU_ISA naming the
 // namespace; `omp simd` loops (-fopenmp-simd, no OpenMP runtime) with exp from cpu_math.h.
 #include <algorithm>
@@ -46,14 +47,15 @@ int64_t group_columns(const RelationParams& prm, const uint8_t* valid) {
   return relation_columns(count, prm.exclude_diagonal);
 }
 
-// x_j / tau on the columns (valid and not `diagonal`), -inf elsewhere, in place; the maximum.
+// x_j (row_factor col_scale_j) on the columns (valid and not `diagonal`), -inf elsewhere, in
+// place; the maximum. row_factor = s_i / tau: backward forms the same products.
 template <typename Acc>
 KD_CPU_INLINE Acc temper_row(Acc* x, const uint8_t* valid, int64_t n, int64_t diagonal,
-                             Acc inv_tau) {
+                             Acc row_factor, const Acc* col_scale) {
   Acc row_max = kNegInf<Acc>;
 #pragma omp simd reduction(max : row_max)
   for (int64_t j = 0; j < n; ++j) {
-    const Acc v = valid[j] && j != diagonal ? x[j] * inv_tau : kNegInf<Acc>;
+    const Acc v = valid[j] && j != diagonal ? x[j] * (row_factor * col_scale[j]) : kNegInf<Acc>;
     x[j] = v;
     row_max = v > row_max ? v : row_max;
   }
@@ -77,6 +79,9 @@ void forward_block(const RelationParams& prm, const RelationBlock& blk) {
   const int64_t columns = group_columns(prm, valid);
   auto* row_loss = static_cast<Acc*>(prm.row_loss) + blk.group * N;
   auto* row_stats = static_cast<Acc*>(prm.row_stats) + blk.group * N * kRelationStats;
+  const bool infonce = prm.kind == RelationKind::kInfonce;
+  const auto* student_scale = static_cast<const Acc*>(blk.student_scale);
+  const auto* teacher_scale = static_cast<const Acc*>(blk.teacher_scale);
 
   for (int64_t i = blk.row_begin; i < blk.row_end; ++i) {
     Acc* stats = row_stats + i * kRelationStats;
@@ -85,17 +90,18 @@ void forward_block(const RelationParams& prm, const RelationBlock& blk) {
     if (!valid[i] || columns == 0) continue;
     Acc* a = static_cast<Acc*>(blk.student_strip) + (i - blk.row_begin) * blk.ld;
     const int64_t diagonal = prm.exclude_diagonal ? i : -1;
-    const Acc max_a = temper_row(a, valid, N, diagonal, inv_tau);
+    const Acc max_a = temper_row(a, valid, N, diagonal, inv_tau * student_scale[i],
+                                 infonce ? teacher_scale : student_scale);
     const Acc log_student_sum = std::log(sum_exp(a, N, max_a));
     const Acc lse_s = max_a + log_student_sum;
     stats[kLseStudent] = lse_s;
-    if (prm.kind == RelationKind::kInfonce) {
+    if (infonce) {
       row_loss[i] = lse_s - a[i];  // c_i, the positive: always one of the row's columns
       continue;
     }
 
     Acc* b = static_cast<Acc*>(blk.teacher_strip) + (i - blk.row_begin) * blk.ld;
-    const Acc max_b = temper_row(b, valid, N, diagonal, inv_tau);
+    const Acc max_b = temper_row(b, valid, N, diagonal, inv_tau * teacher_scale[i], teacher_scale);
     if (prm.kind == RelationKind::kKl) {
       Acc teacher_sum = 0, weighted = 0;
 #pragma omp simd reduction(+ : teacher_sum, weighted)
@@ -149,19 +155,26 @@ struct GroupColumns {
         stat1(static_cast<const Acc*>(cols.stats[kRowStat1]) + offset) {}
 };
 
+// The row's slots of row_dots.
+template <typename Acc>
+Acc* row_dots_of(const RelationParams& prm, int64_t group, int64_t row) {
+  return static_cast<Acc*>(prm.row_dots) + (group * prm.tokens + row) * kRelationDots;
+}
+
 // kl / mse. Entry (i, j) of either strip is the same inner product as (j, i): row i's share of
 // its gradient uses row i's statistics, row j's share the column arrays.
-template <typename Acc, bool kStudent, bool kTeacher>
+template <typename Acc, bool kKl, bool kStudent, bool kTeacher>
 void self_backward_block(const RelationParams& prm, const RelationColumns& cols,
                          const RelationBlock& blk) {
   const int64_t N = prm.tokens;
   const uint8_t* valid = valid_tokens(prm, blk.group);
   const Acc inv_tau = Acc(1) / *static_cast<const Acc*>(prm.temperature);
   const GroupColumns<Acc> col(cols, blk.group * N);
+  const auto* student_scale = static_cast<const Acc*>(blk.student_scale);
+  const auto* teacher_scale = static_cast<const Acc*>(blk.teacher_scale);
   const int64_t columns = group_columns(prm, valid);
   const Acc two_over_n = columns > 0 ? Acc(2) / static_cast<Acc>(columns) : Acc(0);
   const ExpOf<Acc> exp;
-  const bool kl = prm.kind == RelationKind::kKl;
 
   for (int64_t i = blk.row_begin; i < blk.row_end; ++i) {
     Acc* ms = static_cast<Acc*>(blk.student_strip) + (i - blk.row_begin) * blk.ld;
@@ -177,41 +190,50 @@ void self_backward_block(const RelationParams& prm, const RelationColumns& cols,
     const Acc lse_t_i = col.lse_t[i];
     const Acc stat0_i = col.stat0[i];
     const Acc stat1_i = col.stat1[i];
-    if (kl) {
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) {
-        const bool keep = valid[j] && j != diagonal;
-        const Acc a = keep ? ms[j] * inv_tau : kNegInf<Acc>;
-        const Acc b = keep ? mt[j] * inv_tau : kNegInf<Acc>;
-        Acc ds_i, dt_i, ds_j, dt_j;
+    const Acc student_factor = inv_tau * student_scale[i];
+    const Acc teacher_factor = inv_tau * teacher_scale[i];
+    // Entry j: a, b from the raw products x (s_i s_j / tau, as in forward), W = (both rows'
+    // shares) s_i s_j / tau written over x, and c += W x.
+    Acc dot_s = 0, dot_t = 0;
+#pragma omp simd reduction(+ : dot_s, dot_t)
+    for (int64_t j = 0; j < N; ++j) {
+      const bool keep = valid[j] && j != diagonal;
+      const Acc xs = ms[j], xt = mt[j];
+      const Acc ws = student_factor * student_scale[j], wt = teacher_factor * teacher_scale[j];
+      const Acc a = keep ? xs * ws : kNegInf<Acc>;
+      const Acc b = keep ? xt * wt : kNegInf<Acc>;
+      Acc ds_i, dt_i, ds_j, dt_j;
+      if constexpr (kKl) {
         kl_entry_grads(a, b, lse_s_i, lse_t_i, stat0_i, w_i, exp, ds_i, dt_i);
         kl_entry_grads(a, b, col.lse_s[j], col.lse_t[j], col.stat0[j], col.weight[j], exp, ds_j,
                        dt_j);
-        if (kStudent) ms[j] = (ds_i + ds_j) * inv_tau;
-        if (kTeacher) mt[j] = (dt_i + dt_j) * inv_tau;
-      }
-    } else {
-      const Acc w2n_i = w_i * two_over_n;
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) {
-        const bool keep = valid[j] && j != diagonal;
-        const Acc a = keep ? ms[j] * inv_tau : kNegInf<Acc>;
-        const Acc b = keep ? mt[j] * inv_tau : kNegInf<Acc>;
-        Acc ds_i, dt_i, ds_j, dt_j;
-        mse_entry_grads(a, b, lse_s_i, lse_t_i, stat0_i, stat1_i, w2n_i, exp, ds_i, dt_i);
+      } else {
+        mse_entry_grads(a, b, lse_s_i, lse_t_i, stat0_i, stat1_i, w_i * two_over_n, exp, ds_i,
+                        dt_i);
         mse_entry_grads(a, b, col.lse_s[j], col.lse_t[j], col.stat0[j], col.stat1[j],
                         col.weight[j] * two_over_n, exp, ds_j, dt_j);
-        if (kStudent) ms[j] = (ds_i + ds_j) * inv_tau;
-        if (kTeacher) mt[j] = (dt_i + dt_j) * inv_tau;
+      }
+      if (kStudent) {
+        const Acc weight = (ds_i + ds_j) * ws;
+        ms[j] = weight;
+        dot_s += weight * xs;
+      }
+      if (kTeacher) {
+        const Acc weight = (dt_i + dt_j) * wt;
+        mt[j] = weight;
+        dot_t += weight * xt;
       }
     }
+    Acc* dots = row_dots_of<Acc>(prm, blk.group, i);
+    if (kStudent) dots[kDotStudent] = dot_s;
+    if (kTeacher) dots[kDotTeacher] = dot_t;
   }
 }
 
-// infonce. Row pass (block rows i): M_ij = w_i (softmax_j - [j == i]) / tau with row i's lse.
-// Column pass (block rows j, strip entries over i): M_ji = w_i (softmax_ij - [i == j]) / tau
-// with each column's lse and weight. The positive is re-done after the sweep from its saved
-// entry, as w (s - 1): s w - w would lose the low bits when s is near 1.
+// infonce. Row pass (block rows i): W_ij = w_i (softmax_j - [j == i]) s_i s_j / tau with row i's
+// lse. Column pass (block rows j, strip entries over i): W_ji = w_i (softmax_ij - [i == j])
+// s_i s_j / tau with each column's lse and weight. The positive is re-done after the sweep from
+// its saved entry, as w (s - 1): s w - w would lose the low bits when s is near 1.
 template <typename Acc>
 void infonce_backward_block(const RelationParams& prm, const RelationColumns& cols,
                             const RelationBlock& blk, bool column_pass) {
@@ -220,6 +242,10 @@ void infonce_backward_block(const RelationParams& prm, const RelationColumns& co
   const uint8_t* valid = valid_tokens(prm, blk.group);
   const Acc inv_tau = Acc(1) / *static_cast<const Acc*>(prm.temperature);
   const GroupColumns<Acc> col(cols, blk.group * N);
+  const auto* student_scale = static_cast<const Acc*>(blk.student_scale);
+  const auto* teacher_scale = static_cast<const Acc*>(blk.teacher_scale);
+  const Acc* row_scale = column_pass ? teacher_scale : student_scale;
+  const Acc* col_scale = column_pass ? student_scale : teacher_scale;
 
   for (int64_t r = blk.row_begin; r < blk.row_end; ++r) {
     Acc* m = static_cast<Acc*>(blk.student_strip) + (r - blk.row_begin) * blk.ld;
@@ -227,24 +253,47 @@ void infonce_backward_block(const RelationParams& prm, const RelationColumns& co
       std::fill(m, m + N, Acc(0));
       continue;
     }
-    const Acc positive = m[r] * inv_tau;
+    const Acc row_factor = inv_tau * row_scale[r];
+    const Acc x_r = m[r];
+    Acc dot = 0;
     if (column_pass) {
-#pragma omp simd
+#pragma omp simd reduction(+ : dot)
       for (int64_t i = 0; i < N; ++i) {
-        const Acc c = valid[i] ? m[i] * inv_tau : kNegInf<Acc>;
-        m[i] = infonce_entry_grad(M::exp(c - col.lse_s[i]), false, col.weight[i]) * inv_tau;
+        const Acc x = m[i];
+        const Acc factor = row_factor * col_scale[i];
+        const Acc c = valid[i] ? x * factor : kNegInf<Acc>;
+        m[i] = infonce_entry_grad(M::exp(c - col.lse_s[i]), false, col.weight[i]) * factor;
+        dot += m[i] * x;
       }
     } else {
       const Acc lse = col.lse_s[r];
       const Acc w = col.weight[r];
-#pragma omp simd
+#pragma omp simd reduction(+ : dot)
       for (int64_t j = 0; j < N; ++j) {
-        const Acc c = valid[j] ? m[j] * inv_tau : kNegInf<Acc>;
-        m[j] = infonce_entry_grad(M::exp(c - lse), false, w) * inv_tau;
+        const Acc x = m[j];
+        const Acc factor = row_factor * col_scale[j];
+        const Acc c = valid[j] ? x * factor : kNegInf<Acc>;
+        m[j] = infonce_entry_grad(M::exp(c - lse), false, w) * factor;
+        dot += m[j] * x;
       }
     }
-    m[r] = infonce_entry_grad(M::exp(positive - col.lse_s[r]), true, col.weight[r]) * inv_tau;
+    const Acc factor_r = row_factor * col_scale[r];
+    const Acc positive =
+        infonce_entry_grad(M::exp(x_r * factor_r - col.lse_s[r]), true, col.weight[r]) * factor_r;
+    dot += (positive - m[r]) * x_r;
+    m[r] = positive;
+    row_dots_of<Acc>(prm, blk.group, r)[column_pass ? kDotTeacher : kDotStudent] = dot;
   }
+}
+
+template <typename Acc, bool kKl>
+void self_backward_sides(const RelationParams& prm, const RelationColumns& cols,
+                         const RelationBlock& blk) {
+  const bool student = prm.grad_student != nullptr;
+  const bool teacher = prm.grad_teacher != nullptr;
+  if (student && teacher) return self_backward_block<Acc, kKl, true, true>(prm, cols, blk);
+  if (student) return self_backward_block<Acc, kKl, true, false>(prm, cols, blk);
+  if (teacher) return self_backward_block<Acc, kKl, false, true>(prm, cols, blk);
 }
 
 template <typename Acc>
@@ -253,11 +302,8 @@ void backward_block(const RelationParams& prm, const RelationColumns& cols,
   if (pass != RelationPass::kSelf) {
     return infonce_backward_block<Acc>(prm, cols, blk, pass == RelationPass::kInfonceColumns);
   }
-  const bool student = prm.grad_student != nullptr;
-  const bool teacher = prm.grad_teacher != nullptr;
-  if (student && teacher) return self_backward_block<Acc, true, true>(prm, cols, blk);
-  if (student) return self_backward_block<Acc, true, false>(prm, cols, blk);
-  if (teacher) return self_backward_block<Acc, false, true>(prm, cols, blk);
+  if (prm.kind == RelationKind::kKl) return self_backward_sides<Acc, true>(prm, cols, blk);
+  self_backward_sides<Acc, false>(prm, cols, blk);
 }
 
 }  // namespace

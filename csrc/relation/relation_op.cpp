@@ -20,7 +20,8 @@ RelationKind parse_kind(std::string_view kind, std::string_view op) {
 // Checks shared by forward and backward; fills the fields that describe the inputs.
 void describe_inputs(RelationLaunch& launch, const at::Tensor& student, const at::Tensor& teacher,
                      const at::Tensor& temperature, const std::optional<at::Tensor>& valid,
-                     std::string_view kind, bool exclude_diagonal, std::string_view op) {
+                     std::string_view kind, bool exclude_diagonal, bool normalize,
+                     std::string_view op) {
   const auto dtype = student.scalar_type();
   TORCH_CHECK_VALUE(student.dim() == 3, op, ": student must be 3-D [groups, tokens, width]; got ",
                     student.dim(), " dims");
@@ -87,6 +88,16 @@ void describe_inputs(RelationLaunch& launch, const at::Tensor& student, const at
     launch.keepalive[1] = valid->contiguous();
     prm.valid = launch.keepalive[1].data_ptr<bool>();
   }
+  if (normalize) {
+    // O(G N) extra: the kernels scale the tiles (relation.h), the features are never copied.
+    const auto norms = [&](const at::Tensor& features) {
+      return at::linalg_vector_norm(features, 2, {-1}, false, acc);
+    };
+    launch.norms[0] = norms(student);
+    launch.norms[1] = norms(teacher);
+    prm.student_norm = launch.norms[0].data_ptr();
+    prm.teacher_norm = launch.norms[1].data_ptr();
+  }
 }
 
 }  // namespace
@@ -94,9 +105,9 @@ void describe_inputs(RelationLaunch& launch, const at::Tensor& student, const at
 RelationLaunch prepare_relation(const at::Tensor& student, const at::Tensor& teacher,
                                 const at::Tensor& temperature,
                                 const std::optional<at::Tensor>& valid, std::string_view kind,
-                                bool exclude_diagonal) {
+                                bool exclude_diagonal, bool normalize) {
   RelationLaunch launch;
-  describe_inputs(launch, student, teacher, temperature, valid, kind, exclude_diagonal,
+  describe_inputs(launch, student, teacher, temperature, valid, kind, exclude_diagonal, normalize,
                   "relation_kd_loss");
   auto& prm = launch.params;
   const auto acc_opts = student.options().dtype(acc_type(student.scalar_type()));
@@ -111,11 +122,12 @@ RelationLaunch prepare_relation_backward(const at::Tensor& grad_row_loss, const 
                                          const at::Tensor& teacher, const at::Tensor& temperature,
                                          const std::optional<at::Tensor>& valid,
                                          const at::Tensor& row_stats, std::string_view kind,
-                                         bool exclude_diagonal, bool student_grad,
-                                         bool teacher_grad) {
+                                         bool exclude_diagonal, bool normalize,
+                                         bool student_grad, bool teacher_grad) {
   constexpr std::string_view op = "relation_kd_loss_backward";
   RelationLaunch launch;
-  describe_inputs(launch, student, teacher, temperature, valid, kind, exclude_diagonal, op);
+  describe_inputs(launch, student, teacher, temperature, valid, kind, exclude_diagonal, normalize,
+                  op);
   auto& prm = launch.params;
   const auto acc = acc_type(student.scalar_type());
   TORCH_CHECK_VALUE(grad_row_loss.dim() == 2 && grad_row_loss.size(0) == prm.groups &&
@@ -142,6 +154,8 @@ RelationLaunch prepare_relation_backward(const at::Tensor& grad_row_loss, const 
   launch.grad_teacher = gradient(teacher, teacher_grad);
   prm.grad_student = student_grad ? launch.grad_student.data_ptr() : nullptr;
   prm.grad_teacher = teacher_grad ? launch.grad_teacher.data_ptr() : nullptr;
+  launch.row_dots = at::zeros({prm.groups, prm.tokens, kRelationDots}, row_stats.options());
+  prm.row_dots = launch.row_dots.data_ptr();
   return launch;
 }
 

@@ -5,9 +5,10 @@ A relation matrix compares every token of a set with every other: R = F F^T / ta
 the teacher's after a softmax, so student and teacher may have different widths. The kernels tile
 R as flash attention tiles its scores: blocks of rows at a time, the per-row softmax statistics
 and loss accumulated per row, and a backward that recomputes the tiles from the saved statistics.
-No N x N matrix is stored: extra memory is O(B N) besides the feature-sized buffers: the
-normalized features saved for backward when ``normalize``, a few block-sized strips per thread on
-the CPU, and on CUDA for bf16/fp16 inputs an fp32 accumulator of the gradient's size in backward.
+No N x N matrix is stored, and L2 normalization is fused (the kernels scale each relation entry by
+its two tokens' inverse norms; no normalized copy is made): extra memory is O(B N) besides the
+gradients themselves, a few block-sized strips per thread on the CPU, and on CUDA for bf16/fp16
+inputs an fp32 accumulator of the gradient's size in backward.
 
 Matrix products: BLAS on the CPU (one thread per task: results do not depend on the thread count),
 tensor cores for bf16/fp16 on CUDA (wmma) and Triton (tl.dot), fp32 accumulation everywhere; fp32
@@ -28,6 +29,7 @@ KINDS = ("kl", "mse", "infonce")
 SCOPES = ("sequence", "batch")
 REDUCTIONS = ("mean", "sum", "none")
 NUM_ROW_STATS = 4  # kRelationStats in csrc/relation/relation.h
+NUM_ROW_DOTS = 2  # kRelationDots
 
 
 def relation_kd_loss(
@@ -62,8 +64,10 @@ def relation_kd_loss(
         kind: ``"kl"``, ``"mse"`` or ``"infonce"``.
         temperature: a number > 0 or a 0-d tensor; a tensor that requires grad gets its gradient.
             TRG's contextual loss uses tau = sqrt(D) with ``normalize=False``.
-        normalize: L2-normalize every token first (``F.normalize``, eps 1e-12), in float32
-            arithmetic (float64 for float64 features), stored back in the input dtype.
+        normalize: use L2-normalized tokens (``F.normalize``'s rule, eps 1e-12). Fused: the
+            kernels multiply each raw inner product by the two tokens' 1 / max(|F|, eps),
+            computed in float32 (float64 for float64 features); the normalized features are
+            never formed, so bf16 / fp16 inputs are not rounded again after normalization.
         mask: ``[B, N]`` bool, True where a token counts (as a row and as a column). Tokens that
             do not count get zero weights, but their features still enter the matrix products:
             keep them finite (zero padding is fine; NaN padding would spread).
@@ -86,11 +90,12 @@ def relation_kd_loss(
     - Arithmetic in float32 (float64 for float64 features): the relation strips are formed by
       BLAS in that type (bf16 / fp16 features are converted once), softmax statistics and losses
       accumulate in it, gradients are rounded once to the input dtype.
-    - The temperature's gradient is taken in the autograd formula from the feature gradients: the
-      loss depends on F only through F F^T / tau, so dL/dtau = -(<g_s, F_s> + <g_t, F_t>) / (2 tau)
-      (kl, mse) or -<g_s, F_s> / tau (infonce), with g the gradients of the normalized features.
-      A temperature that requires grad therefore makes backward compute those feature gradients
-      even when the features themselves do not require grad.
+    - The temperature's gradient comes from per-token dot products the backward kernels return
+      along with the feature gradients: the loss depends on the tokens u (normalized or not) only
+      through u u^T / tau, so dL/dtau = -(sum_i <g_s,i, u_s,i> + <g_t,i, u_t,i>) / (2 tau)
+      (kl, mse) or -sum_i <g_s,i, u_s,i> / tau (infonce), g the gradients with respect to u.
+      A temperature that requires grad therefore makes backward run the feature-gradient
+      kernels even when the features themselves do not require grad.
     - Results do not depend on the number of threads.
     """
     tau, valid, acc = _check_loss_args(student_feats, teacher_feats, kind, temperature, mask,
@@ -105,13 +110,14 @@ def relation_kd_loss(
             mask=mask, exclude_diagonal=exclude_diagonal, scope=scope,
         ).to(acc)
     else:
-        student = _tokens(student_feats, normalize)
-        teacher = _tokens(teacher_feats, normalize)
+        student = _last_dim_contiguous(student_feats)
+        teacher = _last_dim_contiguous(teacher_feats)
         if scope == "batch":
             student = student.reshape(1, batch * tokens, student.shape[-1])
             teacher = teacher.reshape(1, batch * tokens, teacher.shape[-1])
             valid = None if valid is None else valid.reshape(1, batch * tokens)
-        rows, _ = _relation_op(backend)(student, teacher, tau, valid, kind, exclude_diagonal)
+        rows, _ = _relation_op(backend)(student, teacher, tau, valid, kind, exclude_diagonal,
+                                        normalize)
         rows = rows.reshape(batch, tokens)
     if reduction == "none":
         return rows
@@ -139,45 +145,18 @@ def token_relation(
     _check_features("feats", feats)
     acc = _checks.acc_dtype(feats.dtype)
     tau = _temperature(temperature, acc, feats.device)
-    f = _tokens(feats, normalize).to(acc)
+    f = feats.to(acc)
+    if normalize:
+        f = torch.nn.functional.normalize(f, dim=-1, eps=_NORMALIZE_EPS)
     return f @ f.transpose(-1, -2) / tau.to(f.device)
 
 
-def _tokens(feats: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """The features the op sees: L2-normalized when asked, with a contiguous last dim."""
-    if normalize:
-        feats = _Normalize.apply(feats)
-    return feats if feats.stride(-1) == 1 else feats.contiguous()
+def _last_dim_contiguous(feats: torch.Tensor) -> torch.Tensor:
+    """The features as the op takes them: any batch and token strides, a contiguous last dim."""
+    return feats if feats.stride(-1) == 1 or feats.shape[-1] == 1 else feats.contiguous()
 
 
-class _Normalize(torch.autograd.Function):
-    """F.normalize(x, dim=-1, eps=1e-12) in the accumulate type, stored in x's dtype.
-
-    The same values and gradient as autograd through F.normalize, with less memory: backward
-    keeps x (the caller's tensor) and the norms n [..., 1] only, and forms
-    dx = g / n - x <x, g> / n^3 (g / eps where n <= eps) in one buffer, where F.normalize's
-    autograd makes several x-sized temporaries on top of the gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        acc = _checks.acc_dtype(x.dtype)
-        norm = torch.linalg.vector_norm(x.to(acc), dim=-1, keepdim=True)
-        ctx.save_for_backward(x, norm)
-        return (x.to(acc) / norm.clamp_min(_NORMALIZE_EPS)).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, norm = ctx.saved_tensors
-        acc = norm.dtype
-        inv = norm.clamp_min(_NORMALIZE_EPS).reciprocal()
-        # <x, g> per token as a batch of dot products: no x-sized temporary
-        dot = torch.matmul(x.to(acc).unsqueeze(-2), grad.to(acc).unsqueeze(-1)).squeeze(-1)
-        radial = torch.where(norm > _NORMALIZE_EPS, dot * inv**3, 0.0)
-        return (grad.to(acc) * inv).addcmul_(x.to(acc), radial, value=-1).to(x.dtype)
-
-
-_NORMALIZE_EPS = 1e-12
+_NORMALIZE_EPS = 1e-12  # F.normalize's default; kRelationNormEps in csrc/relation/relation.h
 
 
 def _check_features(name: str, feats) -> None:
@@ -249,7 +228,7 @@ _TRITON_AUTOGRAD: set = set()
 
 
 @torch.library.register_fake("kdops::relation_kd_loss")
-def _relation_fake(student, teacher, temperature, valid, kind, exclude_diagonal):
+def _relation_fake(student, teacher, temperature, valid, kind, exclude_diagonal, normalize):
     groups, tokens = student.shape[:2]
     acc = _checks.acc_dtype(student.dtype)
     return (student.new_empty((groups, tokens), dtype=acc),
@@ -258,18 +237,21 @@ def _relation_fake(student, teacher, temperature, valid, kind, exclude_diagonal)
 
 @torch.library.register_fake("kdops::relation_kd_loss_backward")
 def _relation_backward_fake(grad_row_loss, student, teacher, temperature, valid, row_stats, kind,
-                            exclude_diagonal, student_grad, teacher_grad):
+                            exclude_diagonal, normalize, student_grad, teacher_grad):
+    groups, tokens = student.shape[:2]
     return (student.new_empty(student.shape if student_grad else (0,)),
-            teacher.new_empty(teacher.shape if teacher_grad else (0,)))
+            teacher.new_empty(teacher.shape if teacher_grad else (0,)),
+            row_stats.new_empty((groups, tokens, NUM_ROW_DOTS)))
 
 
 def _register_autograd(forward_op, backward_op) -> None:
     def setup_context(ctx, inputs, output):
-        student, teacher, temperature, valid, kind, exclude_diagonal = inputs
+        student, teacher, temperature, valid, kind, exclude_diagonal, normalize = inputs
         _, row_stats = output
         ctx.save_for_backward(student, teacher, temperature, valid, row_stats)
         ctx.kind = kind
         ctx.exclude_diagonal = exclude_diagonal
+        ctx.normalize = normalize
         ctx.mark_non_differentiable(row_stats)
 
     def backward(ctx, grad_row_loss, _grad_row_stats):
@@ -280,20 +262,20 @@ def _register_autograd(forward_op, backward_op) -> None:
         student_grad = need_student or need_tau
         teacher_grad = need_teacher or (need_tau and not infonce)
         if not (student_grad or teacher_grad):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         acc = row_stats.dtype
-        grad_student, grad_teacher = backward_op(
+        grad_student, grad_teacher, row_dots = backward_op(
             grad_row_loss.to(acc).contiguous(), student, teacher, temperature, valid, row_stats,
-            ctx.kind, ctx.exclude_diagonal, student_grad, teacher_grad,
+            ctx.kind, ctx.exclude_diagonal, ctx.normalize, student_grad, teacher_grad,
         )
         grad_tau = None
         if need_tau:
-            inner = (grad_student.to(acc) * student.to(acc)).sum()
-            if not infonce:
-                inner = (inner + (grad_teacher.to(acc) * teacher.to(acc)).sum()) / 2
+            # relation.h: the teacher's slot is 0 for infonce (not asked for), and counts half of
+            # the self-relation sum otherwise
+            inner = row_dots[..., 0].sum() if infonce else row_dots.sum() / 2
             grad_tau = (-inner / temperature.to(inner.device)).to(temperature.device)
         return (grad_student if need_student else None, grad_teacher if need_teacher else None,
-                grad_tau, None, None, None)
+                grad_tau, None, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
