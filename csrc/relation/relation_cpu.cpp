@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include "../common/cpu_dispatch.h"
@@ -91,7 +92,11 @@ template <typename Body>
 void for_each_block(const RelationParams& prm, int64_t rows, int64_t count,
                     const at::TensorOptions& options, const Body& body) {
   const int64_t per_group = (prm.tokens + rows - 1) / rows;
+  // The block GEMMs are dispatched ops: worker threads run them with the caller's dispatcher state
+  // (below autograd), not their own defaults.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, prm.groups * per_group, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard caller_state_guard(caller_state);
     const SequentialBlas sequential;
     const at::Tensor strips = at::empty({count, rows, prm.tokens}, options);
     for (int64_t block = begin; block < end; ++block) {
