@@ -3,15 +3,21 @@ and ``kdops::relation_kd_loss_backward_triton``.
 
 Same schemas and outputs as the C++ ops ``kdops::relation_kd_loss`` and
 ``kdops::relation_kd_loss_backward`` (csrc/registration.cpp), with the per-entry algebra of
-csrc/relation/relation.h and the same row_stats layout, so that a forward of one backend and a
-backward of another agree. For a row i of group g and its columns j (the valid tokens of g, less i
-when exclude_diagonal):
+csrc/relation/relation.h and the same row_stats and row_dots layouts, so that a forward of one
+backend and a backward of another agree. For a row i of group g and its columns j (the valid
+tokens of g, less i when exclude_diagonal), with x_ij the raw inner products of the features and
+s_i the token scales (below):
 
-    kl, mse:  a_ij = <F_s[i], F_s[j]> / tau,  b_ij = <F_t[i], F_t[j]> / tau,  q = softmax_j(a),
+    kl, mse:  a_ij = x_ij s_i s_j / tau on F_s,  b_ij the same on F_t,  q = softmax_j(a),
               p = softmax_j(b)
-    infonce:  c_ij = <F_s[i], F_t[j]> / tau
+    infonce:  c_ij = <F_s[i], F_t[j]> s_s[i] s_t[j] / tau
     row_stats[i] = kl (lse_s, lse_t, r_i, 0)   mse (lse_s, lse_t, sigma_s, sigma_t)
                    infonce (lse_c, 0, 0, 0)
+
+Fused normalization. With normalize the relations are those of the unit tokens u_i = s_i F_i,
+s_i = 1 / max(|F_i|, 1e-12) (F.normalize's rule); without it s = 1. The op computes the norms
+|F_i| once ([G, N] per side, accumulate type, torch.linalg.vector_norm) and the kernels scale each
+tile of raw inner products by s_i s_j: no normalized copy of the features exists.
 
 Tiling, as flash attention tiles its scores: a program owns BLOCK_M rows of one group and sweeps
 the group's columns in blocks of BLOCK_N; each [BLOCK_M, BLOCK_N] tile of inner products is formed
@@ -20,7 +26,7 @@ with tl.dot over the feature width, BLOCK_D features at a time, accumulated in t
 not valid or past N, when the row's token is not valid, or when it is the row's own token
 (exclude_diagonal). A row that ends with no column (not valid, or exclude_diagonal with a single
 valid token) gets r_i = 0, zero statistics and a zero gradient. No N x N matrix exists: the extra
-memory is the [G, N] weights of the backward.
+memory is O(G N): the token norms (normalize), the backward's weights and row_dots.
 
 Forward, one program per (group, block of rows):
 * kl, one sweep: online max / sum exp for both rows and, rescaled with the teacher's, the sum
@@ -30,22 +36,35 @@ Forward, one program per (group, block of rows):
   (sum d^2 / n_i, sigma_s, sigma_t).
 * infonce, one sweep of C tiles: online lse and the positive c_ii, taken from the tile itself.
 
-Backward, one program per (group, block of rows, chunk of BLOCK_DOUT gradient features):
+Backward, one program per (group, block of rows, chunk of BLOCK_DOUT gradient features). Each
+program accumulates, for its rows, g_i = sum_j M_ij u_j (M as in relation.h: what multiplies the
+relation tokens, 1/tau included) and the row dot c_i = <g_i, u_i> = sum_j W_ij x_ij, W_ij =
+s_i s_j M_ij, taken from the same tile as sum_j d_ij e_ij (d = tau M the entry gradients, e the
+entries: the same products). Then it finishes the rows: dF_i = s_i g_i - rho_i F_i, rho_i =
+s_i^2 c_i (0 without normalize or for a token of norm <= 1e-12, whose Jacobian is I / eps). c_i is
+the same in every chunk's program, so each applies the radial term to its own columns of F_i and
+the first chunk's program stores c_i in row_dots (slot 0 student, 1 teacher), from which the
+Python side takes the temperature's gradient.
 * kl, mse: recompute both tiles; M_ij = (dA_ij + dA_ji) / tau, where dA_ji uses column j's saved
-  statistics (S is symmetric, relation.h), then dF_s[rows] += M @ F_s[cols] with tl.dot (the
+  statistics (S is symmetric, relation.h), then g_s[rows] += M @ U_s[cols] with tl.dot (the
   teacher likewise with dB). No atomics and no column pass: deterministic.
-* infonce: the row pass (student) dF_s[i] += (dC_ij / tau) @ F_t[cols] with row i's lse; the
+* infonce: the row pass (student) g_s[i] += (dC_ij / tau) @ U_t[cols] with row i's lse; the
   column pass (teacher) is the same kernel over blocks of teacher tokens j, its columns the student
   tokens i, each entry with column i's lse and weight. The positive's term is w (s - 1) in one
   step (s w - w would lose the low bits when s is near 1).
+* The row's s_i is applied once at the end; the columns' s_j scale M's columns before the dot,
+  except in float16, whose range cannot hold s_j M for tokens far from unit norm (1e12 for a zero
+  token): there the dot takes the unit tokens s_j F_j, formed from the loaded features (which
+  costs registers: spills in the loop at the default blocks, sm_90).
 * The gradient accumulators stay in registers, [BLOCK_M, BLOCK_DOUT] each: a width above
   BLOCK_DOUT takes several programs per block of rows, each recomputing the tiles. That costs
   tile FLOPs for wide features but needs no scratch and no read-modify-write of partial sums.
 
 Precision. Arithmetic in float32 (float64 for float64 features); offsets in int64.
-* bfloat16 / float16 features go to tl.dot as they are (tensor cores, float32 accumulate); the
-  backward's M tile is rounded to the feature dtype before its dot, as flash attention rounds P
-  (a relative 2^-9 per term for bfloat16, the size of the gradient's own final rounding).
+* bfloat16 / float16 features go to tl.dot as they are (tensor cores, float32 accumulate), raw:
+  the scales apply to the float32 products. The backward's M tile (and, normalizing, the unit
+  tokens U) is rounded to the feature dtype before its dot, as flash attention rounds P (a
+  relative 2^-9 per term for bfloat16, the size of the gradient's own final rounding).
 * float32 features: the dot precision follows torch.get_float32_matmul_precision(), as PyTorch's
   own float32 matmuls do. "highest" (PyTorch's default) gives IEEE float32 products, no TF32:
   TF32 keeps 10 mantissa bits of each feature, so an entry of size 1/tau (unit tokens) is off by
@@ -75,9 +94,13 @@ _KL = tl.constexpr(0)
 _MSE = tl.constexpr(1)
 _INFONCE = tl.constexpr(2)
 NUM_ROW_STATS = 4  # kRelationStats
+NUM_ROW_DOTS = 2  # kRelationDots: (student, teacher)
+_NORM_EPS = tl.constexpr(1e-12)  # kRelationNormEps, F.normalize's eps
 
 # Launch shapes (see _launch_config), chosen among those that compile for sm_90 without register
-# spills in bfloat16 (ptxas -v; float32's FMA products spill a few bytes); not timed on a GPU yet.
+# spills in bfloat16 (ptxas -v; float32's FMA products spill a few bytes). normalize adds spills
+# to the kl / mse backward: in its epilogue (the radial term, outside the column loop) in
+# bfloat16, inside the loop in float16 (the unit tokens) and float32. Not timed on a GPU yet.
 # Module-level so that tests can force several row, column, feature and gradient blocks.
 FORWARD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32)
 BACKWARD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=32, BLOCK_DOUT=128)
@@ -101,6 +124,19 @@ def _token_ok(valid_ptr, tokens_idx, n_tokens, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
+def _token_scales(norm_ptr, tokens_idx, n_tokens, HAS_NORM: tl.constexpr):
+    # s of the group's token indices (relation.h relation_scale): 1 / max(|F|, eps) when
+    # normalizing, else 1. norm_ptr: the group's [N] norms, accumulate type (without HAS_NORM any
+    # accumulate-type pointer: only its type is read).
+    if HAS_NORM:
+        norm = tl.load(norm_ptr + tokens_idx, mask=tokens_idx < n_tokens, other=1.0)
+        scale = 1.0 / tl.maximum(norm, _NORM_EPS)
+    else:
+        scale = tl.full(tokens_idx.shape, 1.0, norm_ptr.dtype.element_ty)
+    return scale
+
+
+@triton.jit
 def _entries(row_ok, rows, col_ok, cols, EXCLUDE_DIAGONAL: tl.constexpr):
     # [BLOCK_M, BLOCK_N]: whether column j is one of row i's columns.
     keep = row_ok[:, None] & col_ok[None, :]
@@ -110,12 +146,14 @@ def _entries(row_ok, rows, col_ok, cols, EXCLUDE_DIAGONAL: tl.constexpr):
 
 
 @triton.jit
-def _relation_tile(x_ptr, x_stride, rows, y_ptr, y_stride, cols, n_tokens, width, inv_tau,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    # <x_i, y_j> / tau for the rows i and columns j (int64 token indices into the group's x and
-    # y): [BLOCK_M, BLOCK_N] in inv_tau's type, BLOCK_D features at a time. Tokens past N read 0.
-    tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=inv_tau.dtype)
+def _relation_tile(x_ptr, x_stride, rows, row_scale, y_ptr, y_stride, y_norm_ptr, cols, keep,
+                   n_tokens, width, HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Rows i of x against columns j of y (int64 token indices into the group's tokens; past N
+    # they read 0), row_scale = s_i / tau. Returns the columns' s_j and the relation entries
+    # <x_i, y_j> s_i s_j / tau, [BLOCK_M, BLOCK_N] in row_scale's type, -inf off `keep`. The
+    # inner products BLOCK_D features at a time.
+    dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=row_scale.dtype)
     row_in = rows < n_tokens
     col_in = cols < n_tokens
     for start in range(0, width, BLOCK_D):
@@ -125,31 +163,27 @@ def _relation_tile(x_ptr, x_stride, rows, y_ptr, y_stride, cols, n_tokens, width
                     mask=row_in[:, None] & feat_in[None, :], other=0.0)
         y = tl.load(y_ptr + cols[:, None] * y_stride + feats[None, :],
                     mask=col_in[:, None] & feat_in[None, :], other=0.0)
-        tile = tl.dot(x, tl.trans(y), tile, input_precision=PRECISION)
-    return tile * inv_tau
+        dots = tl.dot(x, tl.trans(y), dots, input_precision=PRECISION)
+    col_scale = _token_scales(y_norm_ptr, cols, n_tokens, HAS_NORM)
+    if HAS_NORM:
+        dots = dots * col_scale[None, :]
+    return col_scale, tl.where(keep, dots * row_scale[:, None], float("-inf"))
 
 
 @triton.jit
-def _masked_tile(x_ptr, x_stride, rows, y_ptr, y_stride, cols, n_tokens, width, inv_tau, keep,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    # The tile with -inf off the rows' columns.
-    tile = _relation_tile(x_ptr, x_stride, rows, y_ptr, y_stride, cols, n_tokens, width, inv_tau,
-                          PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-    return tl.where(keep, tile, float("-inf"))
-
-
-@triton.jit
-def _self_tiles(fs, student_stride, student_width, ft, teacher_stride, teacher_width, valid, rows,
-                row_ok, cols, n_tokens, inv_tau, HAS_VALID: tl.constexpr,
-                EXCLUDE_DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _self_tiles(fs, student_stride, student_width, student_norm, row_scale_s, ft, teacher_stride,
+                teacher_width, teacher_norm, row_scale_t, valid, rows, row_ok, cols, n_tokens,
+                HAS_VALID: tl.constexpr, HAS_NORM: tl.constexpr, EXCLUDE_DIAGONAL: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     # kl / mse: (keep, a, b) of a block of rows and columns, a and b -inf off the columns.
     keep = _entries(row_ok, rows, _token_ok(valid, cols, n_tokens, HAS_VALID), cols, EXCLUDE_DIAGONAL)
-    a = _masked_tile(fs, student_stride, rows, fs, student_stride, cols, n_tokens, student_width,
-                     inv_tau, keep, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-    b = _masked_tile(ft, teacher_stride, rows, ft, teacher_stride, cols, n_tokens, teacher_width,
-                     inv_tau, keep, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    _, a = _relation_tile(fs, student_stride, rows, row_scale_s, fs, student_stride, student_norm,
+                          cols, keep, n_tokens, student_width, HAS_NORM, PRECISION, BLOCK_M,
+                          BLOCK_N, BLOCK_D)
+    _, b = _relation_tile(ft, teacher_stride, rows, row_scale_t, ft, teacher_stride, teacher_norm,
+                          cols, keep, n_tokens, teacher_width, HAS_NORM, PRECISION, BLOCK_M,
+                          BLOCK_N, BLOCK_D)
     return keep, a, b
 
 
@@ -196,18 +230,49 @@ def _mse_entry_grads(a, b, lse_s, lse_t, sigma_s, sigma_t, w2n):
 
 
 @triton.jit
-def _accumulate(acc, m, f_ptr, f_stride, cols, n_tokens, out_feats, width, PRECISION: tl.constexpr):
-    # acc += m @ F[cols, out_feats], m rounded to F's dtype (tensor cores for bf16 / fp16).
+def _row_dot_terms(d, entries):
+    # Each row's share of relation.h's c_i = sum_j W_ij x_ij from a tile: W_ij x_ij = d_ij e_ij,
+    # d = tau M the entry gradients and e = x_ij s_i s_j / tau the entries (-inf off the columns,
+    # where d = 0).
+    return tl.sum(tl.where(entries == float("-inf"), 0.0, d * entries), axis=1)
+
+
+@triton.jit
+def _accumulate(acc, m, f_ptr, f_stride, cols, col_scale, n_tokens, out_feats, width,
+                HAS_NORM: tl.constexpr, PRECISION: tl.constexpr):
+    # acc += m @ U[cols, out_feats], U the columns' relation tokens (s_j F_j normalizing, else F),
+    # rounded to F's dtype (tensor cores for bf16 / fp16): as (m s_j) @ F, except in float16.
     f = tl.load(f_ptr + cols[:, None] * f_stride + out_feats[None, :],
                 mask=(cols < n_tokens)[:, None] & (out_feats < width)[None, :], other=0.0)
+    if HAS_NORM:
+        if f.dtype == tl.float16:
+            # float16's range cannot hold m s_j for tokens far from unit norm
+            f = (f.to(col_scale.dtype) * col_scale[:, None]).to(f.dtype)
+        else:
+            m = m * col_scale[None, :]
     return tl.dot(m.to(f.dtype), f, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _store_rows(ptr, rows, n_tokens, out_feats, width, acc):
-    # ptr: the group's contiguous [N, width] gradient; acc rounded once to its dtype.
-    tl.store(ptr + rows[:, None] * width + out_feats[None, :], acc.to(ptr.dtype.element_ty),
-             mask=(rows < n_tokens)[:, None] & (out_feats < width)[None, :])
+def _finish_rows(grad_ptr, f_ptr, f_stride, norm_ptr, scale, rows, n_tokens, out_feats, width,
+                 acc, row_dot, dots_ptr, HAS_NORM: tl.constexpr):
+    # A block of rows after all their columns, acc = sum_j M_ij U_j, row_dot = c_i and scale the
+    # rows' s_i: c_i stored by the first chunk's program at dots_ptr (the group's row_dots, at the
+    # side's slot); dF_i = s_i acc_i - rho_i F_i, rho_i = s_i^2 c_i (relation.h relation_radial),
+    # rounded once into grad_ptr (the group's contiguous [N, width] gradient).
+    row_in = rows < n_tokens
+    feat_in = out_feats < width
+    if HAS_NORM:
+        norm = tl.load(norm_ptr + rows, mask=row_in, other=0.0)
+        # a clamped token (|F| <= eps) has u = F / eps: no radial term
+        radial = tl.where(norm > _NORM_EPS, scale * scale * row_dot, 0.0)
+        f = tl.load(f_ptr + rows[:, None] * f_stride + out_feats[None, :],
+                    mask=row_in[:, None] & feat_in[None, :], other=0.0)
+        acc = scale[:, None] * acc - radial[:, None] * f.to(acc.dtype)
+    if tl.program_id(1) == 0:
+        tl.store(dots_ptr + rows * 2, row_dot, mask=row_in)
+    tl.store(grad_ptr + rows[:, None] * width + out_feats[None, :], acc.to(grad_ptr.dtype.element_ty),
+             mask=row_in[:, None] & feat_in[None, :])
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,9 +284,11 @@ def _store_rows(ptr, rows, n_tokens, out_feats, width, acc):
 def _forward_kernel(
     student_ptr, student_group_stride, student_token_stride, student_width,
     teacher_ptr, teacher_group_stride, teacher_token_stride, teacher_width,
-    tau_ptr, valid_ptr, n_tokens, row_blocks, row_loss_ptr, row_stats_ptr,
-    KIND: tl.constexpr, HAS_VALID: tl.constexpr, EXCLUDE_DIAGONAL: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    tau_ptr, valid_ptr, student_norm_ptr, teacher_norm_ptr, n_tokens, row_blocks, row_loss_ptr,
+    row_stats_ptr,
+    KIND: tl.constexpr, HAS_VALID: tl.constexpr, HAS_NORM: tl.constexpr,
+    EXCLUDE_DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     acc_dtype = row_loss_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -230,8 +297,12 @@ def _forward_kernel(
     fs = student_ptr + group * student_group_stride
     ft = teacher_ptr + group * teacher_group_stride
     valid = valid_ptr + group * n_tokens
+    student_norm = student_norm_ptr + group * n_tokens
+    teacher_norm = teacher_norm_ptr + group * n_tokens
     inv_tau = 1.0 / tl.load(tau_ptr)
     row_ok = _token_ok(valid, rows, n_tokens, HAS_VALID)
+    row_scale_s = _token_scales(student_norm, rows, n_tokens, HAS_NORM) * inv_tau
+    row_scale_t = _token_scales(teacher_norm, rows, n_tokens, HAS_NORM) * inv_tau
 
     max_s = tl.full([BLOCK_M], float("-inf"), acc_dtype)
     sum_s = tl.zeros([BLOCK_M], acc_dtype)
@@ -242,14 +313,18 @@ def _forward_kernel(
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         if KIND == _INFONCE:
             keep = _entries(row_ok, rows, _token_ok(valid, cols, n_tokens, HAS_VALID), cols, False)
-            c = _relation_tile(fs, student_token_stride, rows, ft, teacher_token_stride, cols,
-                               n_tokens, student_width, inv_tau, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-            extra += tl.sum(tl.where(rows[:, None] == cols[None, :], c, 0.0), axis=1)
-            max_s, sum_s, _, _ = _online_rows(tl.where(keep, c, float("-inf")), max_s, sum_s)
+            _, c = _relation_tile(fs, student_token_stride, rows, row_scale_s, ft,
+                                  teacher_token_stride, teacher_norm, cols, keep, n_tokens,
+                                  student_width, HAS_NORM, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            positive = (rows[:, None] == cols[None, :]) & keep
+            extra += tl.sum(tl.where(positive, c, 0.0), axis=1)
+            max_s, sum_s, _, _ = _online_rows(c, max_s, sum_s)
         else:
-            keep, a, b = _self_tiles(fs, student_token_stride, student_width, ft, teacher_token_stride,
-                                     teacher_width, valid, rows, row_ok, cols, n_tokens, inv_tau,
-                                     HAS_VALID, EXCLUDE_DIAGONAL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            keep, a, b = _self_tiles(fs, student_token_stride, student_width, student_norm,
+                                     row_scale_s, ft, teacher_token_stride, teacher_width,
+                                     teacher_norm, row_scale_t, valid, rows, row_ok, cols, n_tokens,
+                                     HAS_VALID, HAS_NORM, EXCLUDE_DIAGONAL, PRECISION, BLOCK_M,
+                                     BLOCK_N, BLOCK_D)
             max_s, sum_s, _, _ = _online_rows(a, max_s, sum_s)
             max_t, sum_t, e_t, rescale_t = _online_rows(b, max_t, sum_t)
             if KIND == _KL:
@@ -275,9 +350,11 @@ def _forward_kernel(
             squares = tl.zeros([BLOCK_M], acc_dtype)
             for start in range(0, n_tokens, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                _, a, b = _self_tiles(fs, student_token_stride, student_width, ft, teacher_token_stride,
-                                      teacher_width, valid, rows, row_ok, cols, n_tokens, inv_tau,
-                                      HAS_VALID, EXCLUDE_DIAGONAL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                _, a, b = _self_tiles(fs, student_token_stride, student_width, student_norm,
+                                      row_scale_s, ft, teacher_token_stride, teacher_width,
+                                      teacher_norm, row_scale_t, valid, rows, row_ok, cols, n_tokens,
+                                      HAS_VALID, HAS_NORM, EXCLUDE_DIAGONAL, PRECISION, BLOCK_M,
+                                      BLOCK_N, BLOCK_D)
                 q = tl.exp(a - lse_s[:, None])
                 p = tl.exp(b - lse_t[:, None])
                 d = p - q
@@ -300,11 +377,11 @@ def _forward_kernel(
 def _self_backward_kernel(
     student_ptr, student_group_stride, student_token_stride, student_width,
     teacher_ptr, teacher_group_stride, teacher_token_stride, teacher_width,
-    tau_ptr, valid_ptr, n_tokens, row_blocks, weight_ptr, row_stats_ptr,
-    grad_student_ptr, grad_teacher_ptr,
+    tau_ptr, valid_ptr, student_norm_ptr, teacher_norm_ptr, n_tokens, row_blocks, weight_ptr,
+    row_stats_ptr, grad_student_ptr, grad_teacher_ptr, row_dots_ptr,
     KL: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, HAS_VALID: tl.constexpr,
-    EXCLUDE_DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
+    HAS_NORM: tl.constexpr, EXCLUDE_DIAGONAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
     # kl / mse. weight: w (kl) or 2 w / n (mse) per token, 0 off the valid rows.
     acc_dtype = row_stats_ptr.dtype.element_ty
@@ -316,10 +393,16 @@ def _self_backward_kernel(
     fs = student_ptr + group * student_group_stride
     ft = teacher_ptr + group * teacher_group_stride
     valid = valid_ptr + group * n_tokens
+    student_norm = student_norm_ptr + group * n_tokens
+    teacher_norm = teacher_norm_ptr + group * n_tokens
     weights = weight_ptr + group * n_tokens
     stats = row_stats_ptr + group * n_tokens * 4
     inv_tau = 1.0 / tl.load(tau_ptr)
     row_ok = _token_ok(valid, rows, n_tokens, HAS_VALID)
+    scale_s_i = _token_scales(student_norm, rows, n_tokens, HAS_NORM)
+    scale_t_i = _token_scales(teacher_norm, rows, n_tokens, HAS_NORM)
+    row_scale_s = scale_s_i * inv_tau
+    row_scale_t = scale_t_i * inv_tau
     w_i, lse_s_i, lse_t_i, stat0_i, stat1_i = _row_values(weights, stats, rows, n_tokens)
     # the widths may differ: a chunk past one of them has nothing to do on that side
     student_live = out_start < student_width
@@ -327,11 +410,18 @@ def _self_backward_kernel(
 
     acc_s = tl.zeros([BLOCK_M, BLOCK_DOUT], acc_dtype)
     acc_t = tl.zeros([BLOCK_M, BLOCK_DOUT], acc_dtype)
+    row_dot_s = tl.zeros([BLOCK_M], acc_dtype)
+    row_dot_t = tl.zeros([BLOCK_M], acc_dtype)
     for start in range(0, n_tokens, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        _, a, b = _self_tiles(fs, student_token_stride, student_width, ft, teacher_token_stride,
-                              teacher_width, valid, rows, row_ok, cols, n_tokens, inv_tau, HAS_VALID,
-                              EXCLUDE_DIAGONAL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        keep = _entries(row_ok, rows, _token_ok(valid, cols, n_tokens, HAS_VALID), cols,
+                        EXCLUDE_DIAGONAL)
+        scale_s_j, a = _relation_tile(fs, student_token_stride, rows, row_scale_s, fs,
+                                      student_token_stride, student_norm, cols, keep, n_tokens,
+                                      student_width, HAS_NORM, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        scale_t_j, b = _relation_tile(ft, teacher_token_stride, rows, row_scale_t, ft,
+                                      teacher_token_stride, teacher_norm, cols, keep, n_tokens,
+                                      teacher_width, HAS_NORM, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         w_j, lse_s_j, lse_t_j, stat0_j, stat1_j = _row_values(weights, stats, cols, n_tokens)
         # entry (i, j) is entry (j, i): row i's share with its statistics, row j's with column j's
         if KL:
@@ -346,31 +436,40 @@ def _self_backward_kernel(
                                           stat1_j[None, :], w_j[None, :])
         if GRAD_S:
             if student_live:
-                acc_s = _accumulate(acc_s, (ds_i + ds_j) * inv_tau, fs, student_token_stride, cols,
-                                    n_tokens, out_feats, student_width, PRECISION)
+                d_s = ds_i + ds_j
+                acc_s = _accumulate(acc_s, d_s * inv_tau, fs, student_token_stride, cols, scale_s_j,
+                                    n_tokens, out_feats, student_width, HAS_NORM, PRECISION)
+                row_dot_s += _row_dot_terms(d_s, a)
         if GRAD_T:
             if teacher_live:
-                acc_t = _accumulate(acc_t, (dt_i + dt_j) * inv_tau, ft, teacher_token_stride, cols,
-                                    n_tokens, out_feats, teacher_width, PRECISION)
+                d_t = dt_i + dt_j
+                acc_t = _accumulate(acc_t, d_t * inv_tau, ft, teacher_token_stride, cols, scale_t_j,
+                                    n_tokens, out_feats, teacher_width, HAS_NORM, PRECISION)
+                row_dot_t += _row_dot_terms(d_t, b)
 
+    row_dots = row_dots_ptr + group * n_tokens * 2
     if GRAD_S:
-        _store_rows(grad_student_ptr + group * n_tokens * student_width, rows, n_tokens, out_feats,
-                    student_width, acc_s)
+        _finish_rows(grad_student_ptr + group * n_tokens * student_width, fs, student_token_stride,
+                     student_norm, scale_s_i, rows, n_tokens, out_feats, student_width, acc_s,
+                     row_dot_s, row_dots, HAS_NORM)
     if GRAD_T:
-        _store_rows(grad_teacher_ptr + group * n_tokens * teacher_width, rows, n_tokens, out_feats,
-                    teacher_width, acc_t)
+        _finish_rows(grad_teacher_ptr + group * n_tokens * teacher_width, ft, teacher_token_stride,
+                     teacher_norm, scale_t_i, rows, n_tokens, out_feats, teacher_width, acc_t,
+                     row_dot_t, row_dots + 1, HAS_NORM)
 
 
 @triton.jit
 def _infonce_backward_kernel(
-    own_ptr, own_group_stride, own_token_stride, other_ptr, other_group_stride, other_token_stride,
-    width, tau_ptr, valid_ptr, n_tokens, row_blocks, weight_ptr, row_stats_ptr, grad_ptr,
-    COLUMN_PASS: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
+    own_ptr, own_group_stride, own_token_stride, own_norm_ptr, other_ptr, other_group_stride,
+    other_token_stride, other_norm_ptr, width, tau_ptr, valid_ptr, n_tokens, row_blocks,
+    weight_ptr, row_stats_ptr, grad_ptr, row_dots_ptr,
+    COLUMN_PASS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_NORM: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DOUT: tl.constexpr,
 ):
     # The program's rows are tokens of `own`, its columns tokens of `other`, and its tiles
-    # <own_r, other_k> / tau: C[r, k] in the row pass (own = student), C[k, r] in the column pass
-    # (own = teacher), where each entry takes the lse and weight of its student token k.
+    # <own_r, other_k> s_r s_k / tau: C[r, k] in the row pass (own = student), C[k, r] in the
+    # column pass (own = teacher), where each entry takes the lse and weight of its student token k.
     acc_dtype = row_stats_ptr.dtype.element_ty
     pid = tl.program_id(0)
     group = (pid // row_blocks).to(tl.int64)
@@ -378,22 +477,28 @@ def _infonce_backward_kernel(
     out_feats = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     f_own = own_ptr + group * own_group_stride
     f_other = other_ptr + group * other_group_stride
+    own_norm = own_norm_ptr + group * n_tokens
+    other_norm = other_norm_ptr + group * n_tokens
     valid = valid_ptr + group * n_tokens
     weights = weight_ptr + group * n_tokens
     stats = row_stats_ptr + group * n_tokens * 4
     inv_tau = 1.0 / tl.load(tau_ptr)
     row_ok = _token_ok(valid, rows, n_tokens, HAS_VALID)
     row_in = rows < n_tokens
+    scale_r = _token_scales(own_norm, rows, n_tokens, HAS_NORM)
+    row_scale = scale_r * inv_tau
     w_r = tl.load(weights + rows, mask=row_in, other=0.0)
     lse_r = tl.load(stats + rows * 4, mask=row_in, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DOUT], acc_dtype)
+    row_dot = tl.zeros([BLOCK_M], acc_dtype)
     for start in range(0, n_tokens, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_in = cols < n_tokens
         keep = _entries(row_ok, rows, _token_ok(valid, cols, n_tokens, HAS_VALID), cols, False)
-        t = _masked_tile(f_own, own_token_stride, rows, f_other, other_token_stride, cols, n_tokens,
-                         width, inv_tau, keep, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        scale_k, t = _relation_tile(f_own, own_token_stride, rows, row_scale, f_other,
+                                    other_token_stride, other_norm, cols, keep, n_tokens, width,
+                                    HAS_NORM, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         positive = rows[:, None] == cols[None, :]
         if COLUMN_PASS:
             w = tl.load(weights + cols, mask=col_in, other=0.0)[None, :]
@@ -402,10 +507,15 @@ def _infonce_backward_kernel(
             w = w_r[:, None]
             softmax = tl.exp(t - lse_r[:, None])
         # relation.h infonce_entry_grad: w (softmax - [positive])
-        dc = tl.where(keep, w * tl.where(positive, softmax - 1.0, softmax), 0.0)
-        acc = _accumulate(acc, dc * inv_tau, f_other, other_token_stride, cols, n_tokens, out_feats,
-                          width, PRECISION)
-    _store_rows(grad_ptr + group * n_tokens * width, rows, n_tokens, out_feats, width, acc)
+        d = tl.where(keep, w * tl.where(positive, softmax - 1.0, softmax), 0.0)
+        acc = _accumulate(acc, d * inv_tau, f_other, other_token_stride, cols, scale_k, n_tokens,
+                          out_feats, width, HAS_NORM, PRECISION)
+        row_dot += _row_dot_terms(d, t)
+    row_dots = row_dots_ptr + group * n_tokens * 2
+    if COLUMN_PASS:
+        row_dots += 1  # the teacher's slot
+    _finish_rows(grad_ptr + group * n_tokens * width, f_own, own_token_stride, own_norm, scale_r,
+                 rows, n_tokens, out_feats, width, acc, row_dot, row_dots, HAS_NORM)
 
 
 # ------------------------------------------------------------------------------------------
@@ -484,10 +594,21 @@ def _feature_args(features: torch.Tensor) -> tuple:
     return features, features.stride(0), features.stride(1), features.shape[2]
 
 
+def _token_norms(student: torch.Tensor, teacher: torch.Tensor, normalize: bool,
+                 placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' norm arguments: with normalize each side's token norms |F_i|, [G, N] in the
+    accumulate type (the fused normalization's only extra memory); else `placeholder`, an
+    accumulate-type tensor the kernels never read."""
+    if not normalize:
+        return placeholder, placeholder
+    acc = placeholder.dtype
+    return tuple(torch.linalg.vector_norm(x, dim=-1, dtype=acc).contiguous() for x in (student, teacher))
+
+
 @triton_op("kdops::relation_kd_loss_triton", mutates_args=())
 def relation_kd_loss_triton(
     student: torch.Tensor, teacher: torch.Tensor, temperature: torch.Tensor,
-    valid: Optional[torch.Tensor], kind: str, exclude_diagonal: bool,
+    valid: Optional[torch.Tensor], kind: str, exclude_diagonal: bool, normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """relation_kd_loss on Triton: the schema and outputs of ``kdops::relation_kd_loss`` (see the
     module docstring). Returns (row_loss [G, N], row_stats [G, N, 4]) in the accumulate type."""
@@ -505,12 +626,14 @@ def relation_kd_loss_triton(
     tau = temperature.to(device).contiguous()
     # without a mask the kernel never reads valid_ptr: any read-only pointer will do
     valid_arg = valid.contiguous() if valid is not None else tau
+    student_norm, teacher_norm = _token_norms(student, teacher, normalize, tau)
     config = _launch_config(FORWARD_BLOCKS, tokens, (student.shape[2], teacher.shape[2]), student.dtype)
     row_blocks = triton.cdiv(tokens, config["BLOCK_M"])
     wrap_triton(_forward_kernel)[(groups * row_blocks,)](
-        *_feature_args(student), *_feature_args(teacher), tau, valid_arg, tokens, row_blocks,
-        row_loss, row_stats, KIND=KINDS.index(kind), HAS_VALID=valid is not None,
-        EXCLUDE_DIAGONAL=bool(exclude_diagonal), PRECISION=_dot_precision(student.dtype), **config,
+        *_feature_args(student), *_feature_args(teacher), tau, valid_arg, student_norm, teacher_norm,
+        tokens, row_blocks, row_loss, row_stats, KIND=KINDS.index(kind), HAS_VALID=valid is not None,
+        HAS_NORM=bool(normalize), EXCLUDE_DIAGONAL=bool(exclude_diagonal),
+        PRECISION=_dot_precision(student.dtype), **config,
     )
     return row_loss, row_stats
 
@@ -530,11 +653,12 @@ def _row_weights(grad_row_loss: torch.Tensor, valid: Optional[torch.Tensor], kin
 def relation_kd_loss_backward_triton(
     grad_row_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
     temperature: torch.Tensor, valid: Optional[torch.Tensor], row_stats: torch.Tensor, kind: str,
-    exclude_diagonal: bool, student_grad: bool, teacher_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    exclude_diagonal: bool, normalize: bool, student_grad: bool, teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The feature gradients of relation_kd_loss on Triton: the schema and results of
     ``kdops::relation_kd_loss_backward`` (the input dtypes and shapes; an unrequested one is an
-    empty [0] tensor)."""
+    empty [0] tensor) and row_dots [G, N, 2] in the accumulate type (c_i of the student, of the
+    teacher; 0 where not requested and at rows that do not count)."""
     op = "relation_kd_loss_backward"
     _check_inputs(op, student, teacher, temperature, valid, kind, exclude_diagonal)
     groups, tokens = student.shape[:2]
@@ -549,37 +673,41 @@ def relation_kd_loss_backward_triton(
 
     grad_student = torch.empty(student.shape if student_grad else (0,), dtype=student.dtype, device=device)
     grad_teacher = torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=device)
+    row_dots = torch.zeros((groups, tokens, NUM_ROW_DOTS), dtype=acc, device=device)
     if not (student_grad or teacher_grad) or groups * tokens == 0 or _shape_only(student):
-        return grad_student, grad_teacher
+        return grad_student, grad_teacher, row_dots
 
     tau = temperature.to(device).contiguous()
     weight = _row_weights(grad_row_loss, valid, kind, exclude_diagonal, tokens)
     # saved tensors may arrive non-contiguous (e.g. from a traced graph): the kernels index densely
     stats = row_stats.contiguous()
     valid_arg = valid.contiguous() if valid is not None else tau
+    student_norm, teacher_norm = _token_norms(student, teacher, normalize, tau)
     widths = (student.shape[2], teacher.shape[2])
     config = _launch_config(BACKWARD_BLOCKS, tokens, widths, student.dtype)
     row_blocks = triton.cdiv(tokens, config["BLOCK_M"])
-    common = dict(HAS_VALID=valid is not None, PRECISION=_dot_precision(student.dtype), **config)
+    common = dict(HAS_VALID=valid is not None, HAS_NORM=bool(normalize),
+                  PRECISION=_dot_precision(student.dtype), **config)
 
     if kind != "infonce":
         chunks = triton.cdiv(max(widths), config["BLOCK_DOUT"])
         wrap_triton(_self_backward_kernel)[(groups * row_blocks, chunks)](
-            *_feature_args(student), *_feature_args(teacher), tau, valid_arg, tokens, row_blocks,
-            weight, stats, grad_student, grad_teacher, KL=kind == "kl",
-            GRAD_S=bool(student_grad), GRAD_T=bool(teacher_grad),
+            *_feature_args(student), *_feature_args(teacher), tau, valid_arg, student_norm,
+            teacher_norm, tokens, row_blocks, weight, stats, grad_student, grad_teacher, row_dots,
+            KL=kind == "kl", GRAD_S=bool(student_grad), GRAD_T=bool(teacher_grad),
             EXCLUDE_DIAGONAL=bool(exclude_diagonal), **common,
         )
-        return grad_student, grad_teacher
+        return grad_student, grad_teacher, row_dots
 
     chunks = triton.cdiv(widths[0], config["BLOCK_DOUT"])
     # the row pass (own = student) and the column pass (own = teacher)
-    for wanted, grad, own, other, column_pass in ((student_grad, grad_student, student, teacher, False),
-                                                  (teacher_grad, grad_teacher, teacher, student, True)):
+    passes = ((student_grad, grad_student, student, student_norm, teacher, teacher_norm, False),
+              (teacher_grad, grad_teacher, teacher, teacher_norm, student, student_norm, True))
+    for wanted, grad, own, own_norm, other, other_norm, column_pass in passes:
         if wanted:
             wrap_triton(_infonce_backward_kernel)[(groups * row_blocks, chunks)](
-                own, own.stride(0), own.stride(1), other, other.stride(0), other.stride(1),
-                widths[0], tau, valid_arg, tokens, row_blocks, weight, stats, grad,
-                COLUMN_PASS=column_pass, **common,
+                own, own.stride(0), own.stride(1), own_norm, other, other.stride(0), other.stride(1),
+                other_norm, widths[0], tau, valid_arg, tokens, row_blocks, weight, stats, grad,
+                row_dots, COLUMN_PASS=column_pass, **common,
             )
-    return grad_student, grad_teacher
+    return grad_student, grad_teacher, row_dots

@@ -5,7 +5,8 @@
 //
 // One block of 128 threads per (group, tile of 64 rows) walks the group's tiles of 64 columns
 // (skipping a tile without a valid token) and holds one 64 x 64 tile per relation at a time: no
-// N x N buffer anywhere; forward's extra memory is O(G N) (the outputs).
+// N x N buffer anywhere; forward's extra memory is O(G N) (the outputs, and with normalize the
+// token norms the host computes).
 //   relation tile  S = F[rows] F[cols]^T over the width, in chunks staged in shared memory
 //                  (kl / mse: S_s and S_t; infonce: C = F_s[rows] F_t[cols]^T), into a shared
 //                  accumulate-type tile. bf16 / fp16 features: tensor cores (nvcuda::wmma
@@ -16,21 +17,29 @@
 //   elementwise    thread t walks row t % 64 and half t / 64 of every tile's columns, in an order
 //                  rotated by the row (conflict-free in shared memory); the halves merge once per
 //                  row at the end, in a fixed order.
+//   scales         normalize is fused (relation.h): a raw tile entry x_ij becomes x_ij (s_i / tau)
+//                  s_j, s = 1 / max(|F|, eps) from the norms (1 without normalize). s_i / tau of
+//                  the block's rows is set once in shared memory, s_j with each tile's column
+//                  arrays; the features are never copied.
 // Forward: one sweep keeps each row's online softmax statistics (max, sum exp) of a and b and, for
 // kl, relation.h's weighted sum of shifted entries, moved along with the running maxima; kl and
 // infonce finish there. mse takes a second sweep (tiles recomputed) for d = p - q against the
 // known lse: the one-pass sum p^2 - 2 pq + q^2 would cancel catastrophically when p ~ q.
-// Backward recomputes the tiles, overwrites them in place with the gradient weights M (relation.h:
-// both terms of a self-relation entry come from the one tile entry, row j's with the column's
-// saved statistics) and accumulates dF[rows] += M F[cols] chunk by chunk of the width. Each block
-// owns its rows of the gradient: no atomics, deterministic, no column pass for kl / mse; infonce's
-// teacher gradient is a second launch whose blocks own tiles of teacher tokens (rows of C^T).
+// Backward recomputes the tiles, overwrites them in place with the gradient weights
+// W_ij = s_i s_j M_ij (relation.h: both terms of a self-relation entry come from the one tile
+// entry, row j's with the column's saved statistics) and accumulates dF[rows] += W F[cols] chunk
+// by chunk of the width. Each thread also sums its half of the row dot c_i = sum_j W_ij x_ij; after
+// the last tile the halves merge in a fixed order, c_i goes to row_dots and the radial term
+// rho_i F_i is subtracted from the accumulated rows. Each block owns its rows of the gradient: no
+// atomics, deterministic, no column pass for kl / mse; infonce's teacher gradient is a second
+// launch whose blocks own tiles of teacher tokens (rows of C^T).
 //   The accumulator lives in global memory (the width is unbounded): fp32 / fp64 features
 //   accumulate in the gradient itself; bf16 / fp16 ones in an fp32 workspace [G, N rounded up to
 //   64, D rounded up to 64] (the gradient's size in fp32, for the duration of the op), read and
-//   written as wmma accumulator fragments and rounded once to the input dtype at the end. M F runs
-//   on tf32 tensor cores: F (16-bit) is exact in tf32 and M is split as hi + lo (two products),
-//   about 21 bits of M, so the result is fp32 arithmetic up to summation order.
+//   written as wmma accumulator fragments and rounded once to the input dtype at the end (after
+//   the radial term, in fp32). W F runs on tf32 tensor cores: F (16-bit) is exact in tf32 and W is
+//   split as hi + lo (two products), about 21 bits of W, so the result is fp32 arithmetic up to
+//   summation order.
 // Offsets are 64-bit. Exponentials are CudaMath's (__expf under --use_fast_math), logs its
 // accurate log. The op does not check the temperature's sign (that would be a host sync): the
 // Python wrapper asserts it on the device.
@@ -65,17 +74,21 @@ constexpr int kTile = 64;           // rows and columns of a relation tile
 constexpr int kHalf = kTile / 2;    // columns of a tile one thread walks
 constexpr int kThreads = 2 * kTile;  // 4 warps: one thread per (row, half)
 constexpr int kTileLd = kTile + 4;  // tile row stride: a multiple of 4 (wmma), rotates the banks
-constexpr int kOutChunk = 64;       // gradient columns per step of dF += M F
+constexpr int kOutChunk = 64;       // gradient columns per step of dF += W F
 constexpr int kOutLd = kOutChunk + 4;
-constexpr int kColumnFields = 5;    // per column of a tile in backward: w, the four row_stats slots
-constexpr int kColumnWeight = 0;     // its slot of w; row_stats slot s is at 1 + s
+// Per column j of a tile, in shared memory: whether it counts, and these fields. The scales are
+// s_j of the column's token in tile_s and in tile_t (relation.h; 1 without normalize); backward
+// adds the column's w and its row_stats (slot s at kColumnStats + s).
+enum ColumnField : int { kColumnScaleS = 0, kColumnScaleT = 1, kColumnWeight = 2, kColumnStats = 3 };
+constexpr int kColumnFields = kColumnStats + kRelationStats;
 constexpr int kMergeFields = 6;     // per row, what forward's two halves merge
 
 template <typename In>
 using AccOf = typename Storage<In>::Acc;
 
 // Blocks per SM the register allocation must allow: fp64 two (<= 255 registers), the others four
-// (<= 128; four blocks also fit in shared memory). The 16-bit kernels sit at that cap: check the
+// (<= 128; four blocks of about 56 KiB also fit in sm_90's shared memory, two in sm_80's). The
+// 16-bit kernels sit at that cap, and row values held through the sweeps have spilled: check the
 // ptxas report (KDOPS_PTXAS_VERBOSE=1 .ci/build_cuda_wheel.sh) after an edit, for sm_80 and sm_90.
 template <typename In>
 constexpr int kMinBlocks = std::is_same_v<In, double> ? 2 : 4;
@@ -83,14 +96,14 @@ constexpr int kMinBlocks = std::is_same_v<In, double> ? 2 : 4;
 constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
 // How a block multiplies, and its dynamic shared memory: two relation tiles (accumulate type),
-// one staging area (chunks of the relation GEMM's operands, or one chunk of F for dF += M F) and
-// the column arrays of backward.
+// one staging area (chunks of the relation GEMM's operands, or one chunk of F for dF += W F), the
+// column arrays and the scales of the block's rows in tile_s and tile_t.
 template <typename In>
 struct Config {
   using Acc = AccOf<In>;
   static constexpr bool kTensorCores = sizeof(In) == 2;
   using Stage = std::conditional_t<kTensorCores, In, Acc>;       // relation GEMM operands
-  using OutStage = std::conditional_t<kTensorCores, float, Acc>;  // F of dF += M F (tf32 or FMA)
+  using OutStage = std::conditional_t<kTensorCores, float, Acc>;  // F of dF += W F (tf32 or FMA)
   static constexpr int kChunk = 128 / sizeof(Stage);             // width per staged chunk
   // wmma wants a multiple of 8 16-bit elements (16 bytes); FMA reads rows at one k, odd is
   // conflict-free
@@ -103,7 +116,8 @@ struct Config {
   static constexpr size_t kTileT = kTileBytes;
   static constexpr size_t kStage = 2 * kTileBytes;
   static constexpr size_t kColumns = kStage + kStageBytes;
-  static constexpr size_t kSharedBytes = kColumns + kColumnBytes;
+  static constexpr size_t kRowScales = kColumns + kColumnBytes;
+  static constexpr size_t kSharedBytes = kRowScales + align128(2 * kTile * sizeof(Acc));
   static_assert(kChunk % Storage<In>::kVec == 0 && kOutChunk % Storage<In>::kVec == 0);
   static_assert(kTile * kMergeFields * sizeof(Acc) <= kTileBytes, "the halves merge in a tile");
 };
@@ -417,25 +431,41 @@ __device__ void accumulate_fma(const GradientTarget& target, int64_t g, int64_t 
   }
 }
 
-// The block's rows of the gradient in the input dtype: the workspace rounded once (16-bit), or
-// zeros where nothing was accumulated (no column tile with a valid token, or no valid row).
+// The block's rows of the gradient in the input dtype: the accumulated sum_j W_ij F_j less
+// rho_i F_i (relation.h; x: the rows' features, `radial`: their rho in shared memory, 0 without
+// normalize), from the workspace rounded once (16-bit) or in place (fp32 / fp64); zeros where
+// nothing was accumulated (no column tile with a valid token, or no valid row), and then
+// `radial` is not read. The caller synchronizes after the last accumulate.
 template <typename In>
-__device__ void finish_gradient(const GradientTarget& target, int64_t g, int64_t row0,
-                                int64_t tokens, bool started) {
+__device__ void finish_gradient(const GradientTarget& target, const Features<In>& x, int64_t g,
+                                int64_t row0, int64_t tokens, bool started,
+                                const AccOf<In>* radial) {
+  using Acc = AccOf<In>;
   if (target.out == nullptr) return;
   const int64_t width = target.width;
   const int rows_here = static_cast<int>(std::min<int64_t>(kTile, tokens - row0));
   In* out = static_cast<In*>(target.out) + (g * tokens + row0) * width;
-  if constexpr (Config<In>::kTensorCores) {
-    __syncthreads();  // every warp's last fragment store is visible
-    const float* rows = target.workspace + (g * target.padded_tokens + row0) * target.padded_width;
-    for (int r = 0; r < rows_here; ++r) {
+  if (!started) {
+    for (int64_t e = threadIdx.x; e < rows_here * width; e += kThreads) {
+      Storage<In>::store(out + e, Acc(0));
+    }
+    return;
+  }
+  for (int r = 0; r < rows_here; ++r) {
+    const Acc rho = radial[r];
+    const In* features = x.data + g * x.group_stride + (row0 + r) * x.token_stride;
+    if constexpr (Config<In>::kTensorCores) {
+      const float* sums =
+          target.workspace + (g * target.padded_tokens + row0 + r) * target.padded_width;
       for (int64_t d = threadIdx.x; d < width; d += kThreads) {
-        Storage<In>::store(out + r * width + d, started ? rows[r * target.padded_width + d] : 0.0f);
+        const float radial_term = rho != 0 ? rho * Storage<In>::load(features + d) : 0.0f;
+        Storage<In>::store(out + r * width + d, sums[d] - radial_term);
+      }
+    } else if (rho != 0) {
+      for (int64_t d = threadIdx.x; d < width; d += kThreads) {
+        out[r * width + d] -= rho * Storage<In>::load(features + d);
       }
     }
-  } else if (!started) {
-    for (int64_t e = threadIdx.x; e < rows_here * width; e += kThreads) out[e] = In(0);
   }
 }
 
@@ -449,6 +479,18 @@ __device__ int group_columns(const RelationParams& prm, int64_t g) {
     block_allreduce<1>(count, scratch, SumOp{});
   }
   return static_cast<int>(relation_columns(count[0], prm.exclude_diagonal));
+}
+
+// A tempered entry: the raw product times its factor s_i s_j / tau, rounded on its own (never fused
+// with the shift that follows), so that every sweep and backward form bitwise the same entries
+// and, e.g., a row's only entry gets softmax exactly 1.
+template <typename Acc>
+__device__ __forceinline__ Acc tempered(Acc raw, Acc factor) {
+  if constexpr (std::is_same_v<Acc, double>) {
+    return __dmul_rn(raw, factor);
+  } else {
+    return __fmul_rn(raw, factor);
+  }
 }
 
 template <typename Acc>
@@ -517,9 +559,33 @@ struct Block {
   __device__ Acc* tile_t() const { return reinterpret_cast<Acc*>(relation_shared + C::kTileT); }
   __device__ void* stage() const { return relation_shared + C::kStage; }
   __device__ int* col_valid() const { return reinterpret_cast<int*>(relation_shared + C::kColumns); }
-  // backward's per-column arrays: kColumnWeight, then the four row_stats slots (1 + slot)
   __device__ Acc* col_field(int f) const {
     return reinterpret_cast<Acc*>(relation_shared + C::kColumns + kTile * sizeof(int)) + f * kTile;
+  }
+
+  // The token norms of group g on one side (normalize), or nullptr.
+  __device__ const Acc* norms(Side side) const {
+    const void* norm = side == Side::kStudent ? prm.student_norm : prm.teacher_norm;
+    return norm ? static_cast<const Acc*>(norm) + g * prm.tokens : nullptr;
+  }
+
+  // s of a token of group g (relation.h), 1 without normalize.
+  __device__ Acc token_scale(Side side, int64_t token) const {
+    const Acc* norm = norms(side);
+    return norm ? relation_scale(norm[token]) : Acc(1);
+  }
+
+  // s_i / tau of the block's rows in tile_s (side `rows`) and in tile_t (the teacher's): with the
+  // column's s_j, the factor of a raw tile entry. Set once by set_row_scales; read where used, as
+  // a register held through the sweeps they would cost spills.
+  __device__ Acc* row_scales_s() const { return reinterpret_cast<Acc*>(relation_shared + C::kRowScales); }
+  __device__ Acc* row_scales_t() const { return row_scales_s() + kTile; }
+  __device__ void set_row_scales(Side rows, bool teacher_too, Acc inv_tau) const {
+    const int r = threadIdx.x % kTile;
+    if (row0 + r >= tokens() || (threadIdx.x >= kTile && !teacher_too)) return;
+    const bool tile_s = threadIdx.x < kTile;
+    (tile_s ? row_scales_s() : row_scales_t())[r] =
+        token_scale(tile_s ? rows : Side::kTeacher, row0 + r) * inv_tau;
   }
 
   // The k-th column of this thread's half, rotated by the row so that the 32 rows of a warp hit
@@ -553,15 +619,28 @@ struct Block {
     }
   }
 
-  // For every column tile of the group with a valid token: load(col0) by each thread < kTile for
-  // its column (returns whether it is valid), the relation tiles (rows x cols into tile_s; with
-  // `teacher_too`, the teacher's self relation into tile_t), then work(col0). Called by every
-  // thread.
+  // For every column tile of the group with a valid token: the column arrays (thread c < kTile
+  // fills column c: whether it counts and, if it does, its scale in tile_s and load(c, j) for the
+  // other fields of token j; thread kTile + c its scale in tile_t), the relation tiles (rows x cols
+  // into tile_s; with `teacher_too`, the teacher's self relation into tile_t), then work(col0).
+  // Called by every thread.
   template <typename Load, typename Work>
   __device__ void sweep(Side rows, Side cols, bool teacher_too, Load&& load, Work&& work) const {
     for (int64_t col0 = 0; col0 < tokens(); col0 += kTile) {
       __syncthreads();  // the previous tile's readers are done with the tiles and column arrays
-      const bool valid_column = threadIdx.x < kTile && load(col0);
+      const int c = threadIdx.x % kTile;
+      const int64_t j = col0 + c;
+      bool valid_column = false;
+      if (threadIdx.x < kTile) {
+        valid_column = j < tokens() && prm.counts(g, j);
+        col_valid()[c] = valid_column;
+        if (valid_column) {
+          col_field(kColumnScaleS)[c] = token_scale(cols, j);
+          load(c, j);
+        }
+      } else if (teacher_too && j < tokens()) {
+        col_field(kColumnScaleT)[c] = token_scale(Side::kTeacher, j);
+      }
       if (!__syncthreads_or(valid_column)) continue;
       relation_tile(tile_s(), rows, cols, col0);
       if (teacher_too) relation_tile(tile_t(), Side::kTeacher, Side::kTeacher, col0);
@@ -600,33 +679,38 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
     return;
   }
   const bool row_counts = blk.row_counts();
-  const Acc inv_tau = Acc(1) / *static_cast<const Acc*>(prm.temperature);
-  const auto load_valid = [&](int64_t col0) {
-    const int64_t j = col0 + threadIdx.x;
-    const bool valid = j < prm.tokens && prm.counts(blk.g, j);
-    blk.col_valid()[threadIdx.x] = valid;
-    return valid;
-  };
-  // the row's tempered entry at column c of a tile row; -inf where the column does not count
-  const auto entry = [&](const Acc* row, int c, int skip) {
-    return blk.col_valid()[c] && c != skip ? row[c] * inv_tau : neg_inf<Acc>();
+  blk.set_row_scales(Side::kStudent, !infonce, Acc(1) / *static_cast<const Acc*>(prm.temperature));
+  const auto no_fields = [](int, int64_t) {};
+  // the row's tempered entry at column c of a tile row (`col_scale`: the tile's column scales,
+  // `scale` the row's); -inf where the column does not count
+  const auto entry = [&](const Acc* row, const Acc* col_scale, Acc scale, int c, int skip) {
+    return blk.col_valid()[c] && c != skip ? tempered(row[c], scale * col_scale[c]) : neg_inf<Acc>();
   };
 
   // Sweep 1: online (max, sum exp) of a (infonce: c) and b; kl's weighted sum against the running
   // maxima; infonce's positive c_ii (held by the half whose columns include i).
   Acc max_s = neg_inf<Acc>(), sum_s = 0, max_t = neg_inf<Acc>(), sum_t = 0, weighted = 0, positive = 0;
-  blk.sweep(Side::kStudent, infonce ? Side::kTeacher : Side::kStudent, !infonce, load_valid,
+  blk.sweep(Side::kStudent, infonce ? Side::kTeacher : Side::kStudent, !infonce, no_fields,
             [&](int64_t col0) {
               if (!row_counts) return;
-              const Acc* ra = blk.tile_s() + blk.rl() * kTileLd;
-              const Acc* rb = blk.tile_t() + blk.rl() * kTileLd;
+              Acc* ra = blk.tile_s() + blk.rl() * kTileLd;
+              Acc* rb = blk.tile_t() + blk.rl() * kTileLd;
+              const Acc* col_scale_s = blk.col_field(kColumnScaleS);
+              const Acc* col_scale_t = blk.col_field(kColumnScaleT);
+              const Acc scale_s = blk.row_scales_s()[blk.rl()];
+              const Acc scale_t = blk.row_scales_t()[blk.rl()];
               const int own = blk.own_column(col0);
               const int skip = prm.exclude_diagonal ? own : -1;
+              // the row's entries tempered in place (each thread owns its half of the row), and
+              // their maxima
               Acc seen_s = neg_inf<Acc>(), seen_t = neg_inf<Acc>();
               for (int k = 0; k < kHalf; ++k) {
                 const int c = blk.column(k);
-                seen_s = fmax(seen_s, entry(ra, c, skip));
-                if (!infonce) seen_t = fmax(seen_t, entry(rb, c, skip));
+                ra[c] = entry(ra, col_scale_s, scale_s, c, skip);
+                seen_s = fmax(seen_s, ra[c]);
+                if (infonce) continue;
+                rb[c] = entry(rb, col_scale_t, scale_t, c, skip);
+                seen_t = fmax(seen_t, rb[c]);
               }
               if (kl) {
                 weighted = rebase_weighted(weighted, sum_t, max_s, max_t, fmax(max_s, seen_s),
@@ -637,13 +721,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
               const Acc shift_s = shift_of(max_s), shift_t = shift_of(max_t);
               for (int k = 0; k < kHalf; ++k) {
                 const int c = blk.column(k);
-                const Acc a = entry(ra, c, skip);
+                const Acc a = ra[c];
                 sum_s += M::exp(a - shift_s);
                 if (infonce) {
                   if (c == own) positive = a;
                   continue;
                 }
-                const Acc y = entry(rb, c, skip) - shift_t;
+                const Acc y = rb[c] - shift_t;
                 const Acc e = M::exp(y);
                 sum_t += e;
                 if (kl) weighted += kl_weighted_term(e, a - shift_s, y);
@@ -659,7 +743,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
   }
   __syncthreads();
   Acc lse_s = 0, lse_t = 0;
-  if (blk.half() == 0 && row_counts) {
+  if (blk.half() == 0 && blk.row_counts()) {
     // the other half's (max, sum) folded into this one's
     const auto merge = [](Acc& max, Acc& sum, Acc other_max, Acc other_sum) {
       const Acc next = fmax(max, other_max);
@@ -702,16 +786,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
   lse_s = scratch[0];
   lse_t = scratch[1];
   Acc squares = 0, sigma_s = 0, sigma_t = 0;
-  blk.sweep(Side::kStudent, Side::kStudent, true, load_valid, [&](int64_t col0) {
-    if (!row_counts) return;
+  blk.sweep(Side::kStudent, Side::kStudent, true, no_fields, [&](int64_t col0) {
+    if (!blk.row_counts()) return;
     const Acc* ra = blk.tile_s() + blk.rl() * kTileLd;
     const Acc* rb = blk.tile_t() + blk.rl() * kTileLd;
+    const Acc* col_scale_s = blk.col_field(kColumnScaleS);
+    const Acc* col_scale_t = blk.col_field(kColumnScaleT);
+    const Acc scale_s = blk.row_scales_s()[blk.rl()];
+    const Acc scale_t = blk.row_scales_t()[blk.rl()];
     const int skip = prm.exclude_diagonal ? blk.own_column(col0) : -1;
     for (int k = 0; k < kHalf; ++k) {
       const int c = blk.column(k);
       if (!blk.col_valid()[c] || c == skip) continue;
-      const Acc q = M::exp(ra[c] * inv_tau - lse_s);
-      const Acc p = M::exp(rb[c] * inv_tau - lse_t);
+      const Acc q = M::exp(tempered(ra[c], scale_s * col_scale_s[c]) - lse_s);
+      const Acc p = M::exp(tempered(rb[c], scale_t * col_scale_t[c]) - lse_t);
       const Acc d = p - q;
       squares += d * d;
       sigma_s += q * d;
@@ -738,7 +826,7 @@ enum class BackwardPass : int32_t {
 };
 
 // Backward: the block's rows of the gradients (kSelf: `first` the student's, `second` the
-// teacher's; infonce: `first` the pass's).
+// teacher's; infonce: `first` the pass's) and their row_dots.
 template <typename In>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
     relation_backward_kernel(const RelationParams prm, const BackwardPass pass,
@@ -750,10 +838,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
   const bool self = pass == BackwardPass::kSelf;
   const bool row_counts = blk.row_counts();
   const int columns = group_columns(prm, blk.g);
+  const Side rows = pass == BackwardPass::kInfonceColumns ? Side::kTeacher : Side::kStudent;
+  const Side cols = pass == BackwardPass::kInfonceRows ? Side::kTeacher : Side::kStudent;
 
   bool started = false;  // block-uniform: a column tile has been accumulated
+  // this thread's half of c_i (relation.h) for the row of `first` and of `second`
+  Acc dot_first = 0, dot_second = 0;
   if (__syncthreads_or(row_counts) && columns > 0) {
-    const Acc inv_tau = Acc(1) / *static_cast<const Acc*>(prm.temperature);
+    blk.set_row_scales(rows, self, Acc(1) / *static_cast<const Acc*>(prm.temperature));
     const Acc two_over_n = Acc(2) / static_cast<Acc>(columns);
     const Acc* grad_row_loss = static_cast<const Acc*>(prm.grad_row_loss) + blk.g * prm.tokens;
     const Acc* row_stats = static_cast<const Acc*>(prm.row_stats) + blk.g * prm.tokens * kRelationStats;
@@ -762,53 +854,59 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
     if (row_counts) {
       for (int s = 0; s < kRelationStats; ++s) stats_i[s] = row_stats[blk.i() * kRelationStats + s];
     }
-    const auto load_columns = [&](int64_t col0) {
-      const int c = threadIdx.x;
-      const int64_t j = col0 + c;
-      const bool valid = j < prm.tokens && prm.counts(blk.g, j);
-      blk.col_valid()[c] = valid;
-      blk.col_field(kColumnWeight)[c] = valid ? grad_row_loss[j] : Acc(0);
+    const auto load_fields = [&](int c, int64_t j) {
+      blk.col_field(kColumnWeight)[c] = grad_row_loss[j];
       for (int s = 0; s < kRelationStats; ++s) {
-        blk.col_field(1 + s)[c] = valid ? row_stats[j * kRelationStats + s] : Acc(0);
+        blk.col_field(kColumnStats + s)[c] = row_stats[j * kRelationStats + s];
       }
-      return valid;
     };
     const DeviceExp<Acc> exp_fn;
-    const Side rows = pass == BackwardPass::kInfonceColumns ? Side::kTeacher : Side::kStudent;
-    const Side cols = pass == BackwardPass::kInfonceRows ? Side::kTeacher : Side::kStudent;
 
-    blk.sweep(rows, cols, self, load_columns, [&](int64_t col0) {
-      // M over the tiles in place: tile_s (and tile_t for kl / mse)
+    blk.sweep(rows, cols, self, load_fields, [&](int64_t col0) {
+      // The weights W over the tiles in place (tile_s, and tile_t for kl / mse): an entry's
+      // w dr/d(entry) times its factor s_i s_j / tau (relation.h's W_ij = s_i s_j M_ij), and
+      // c_i += W_ij x_ij with the raw entry x_ij.
       Acc* ms = blk.tile_s() + blk.rl() * kTileLd;
       Acc* mt = blk.tile_t() + blk.rl() * kTileLd;
+      const Acc* col_scale_s = blk.col_field(kColumnScaleS);
+      const Acc* col_scale_t = blk.col_field(kColumnScaleT);
+      const Acc scale_s = blk.row_scales_s()[blk.rl()];
+      const Acc scale_t = blk.row_scales_t()[blk.rl()];
       const int own = blk.own_column(col0);
       const int skip = prm.exclude_diagonal ? own : -1;
       const Acc* col_w = blk.col_field(kColumnWeight);
-      const Acc* col_lse_s = blk.col_field(1 + kLseStudent);
-      const Acc* col_lse_t = blk.col_field(1 + kLseTeacher);
-      const Acc* col_stat0 = blk.col_field(1 + kRowStat0);
-      const Acc* col_stat1 = blk.col_field(1 + kRowStat1);
+      const Acc* col_lse_s = blk.col_field(kColumnStats + kLseStudent);
+      const Acc* col_lse_t = blk.col_field(kColumnStats + kLseTeacher);
+      const Acc* col_stat0 = blk.col_field(kColumnStats + kRowStat0);
+      const Acc* col_stat1 = blk.col_field(kColumnStats + kRowStat1);
       for (int k = 0; k < kHalf; ++k) {
         const int c = blk.column(k);
         const bool keep = row_counts && blk.col_valid()[c] && c != skip;
         if (!self) {
           // infonce rows pass: dC_ij with row i's lse and weight. Columns pass: this row is a
           // teacher token j and column c a student token i, with column i's lse and weight.
-          Acc grad = 0;
+          Acc weight = 0;
           if (keep) {
             const bool by_row = pass == BackwardPass::kInfonceRows;
             const Acc lse = by_row ? stats_i[kLseStudent] : col_lse_s[c];
             const Acc w = by_row ? w_i : col_w[c];
-            grad = infonce_entry_grad(M::exp(ms[c] * inv_tau - lse), c == own, w) * inv_tau;
+            const Acc raw = ms[c];
+            const Acc factor = scale_s * col_scale_s[c];
+            weight = infonce_entry_grad(M::exp(tempered(raw, factor) - lse), c == own, w) * factor;
+            dot_first += weight * raw;
           }
-          ms[c] = grad;
+          ms[c] = weight;
           continue;
         }
         // kl / mse: row i's share of entry (i, j) with its statistics, row j's with the column's
-        Acc grad_s = 0, grad_t = 0;
+        Acc weight_s = 0, weight_t = 0;
         if (keep) {
-          const Acc a = ms[c] * inv_tau;
-          const Acc b = mt[c] * inv_tau;
+          const Acc raw_s = ms[c];
+          const Acc raw_t = mt[c];
+          const Acc factor_s = scale_s * col_scale_s[c];
+          const Acc factor_t = scale_t * col_scale_t[c];
+          const Acc a = tempered(raw_s, factor_s);
+          const Acc b = tempered(raw_t, factor_t);
           Acc ds_i, dt_i, ds_j, dt_j;
           if (prm.kind == RelationKind::kKl) {
             kl_entry_grads(a, b, stats_i[kLseStudent], stats_i[kLseTeacher], stats_i[kRowStat0], w_i,
@@ -820,19 +918,48 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<In>)
             mse_entry_grads(a, b, col_lse_s[c], col_lse_t[c], col_stat0[c], col_stat1[c],
                             col_w[c] * two_over_n, exp_fn, ds_j, dt_j);
           }
-          grad_s = (ds_i + ds_j) * inv_tau;
-          grad_t = (dt_i + dt_j) * inv_tau;
+          weight_s = (ds_i + ds_j) * factor_s;
+          weight_t = (dt_i + dt_j) * factor_t;
+          dot_first += weight_s * raw_s;
+          dot_second += weight_t * raw_t;
         }
-        ms[c] = grad_s;
-        mt[c] = grad_t;
+        ms[c] = weight_s;
+        mt[c] = weight_t;
       }
       if (first.out) blk.accumulate(first, blk.tile_s(), cols, col0, !started);
       if (self && second.out) blk.accumulate(second, blk.tile_t(), Side::kTeacher, col0, !started);
       started = true;
     });
   }
-  finish_gradient<In>(first, blk.g, blk.row0, prm.tokens, started);
-  if (self) finish_gradient<In>(second, blk.g, blk.row0, prm.tokens, started);
+
+  // c_i's halves merged in a fixed order (half 0's + half 1's) through the first tile, free once
+  // every thread is past the last accumulate; half 0 writes row_dots and rho_i (relation.h) of
+  // the gradients asked for, which finish_gradient applies.
+  Acc* radial = blk.tile_s() + 2 * kTile;  // rho of the rows of `first`, then of `second`
+  if (started) {
+    Acc* other_half = blk.tile_s();  // half 1's dot_first, then its dot_second
+    __syncthreads();
+    if (blk.half() == 1) {
+      other_half[blk.rl()] = dot_first;
+      other_half[kTile + blk.rl()] = dot_second;
+    }
+    __syncthreads();
+    if (blk.half() == 0 && blk.i() < prm.tokens) {
+      Acc* row_dots = static_cast<Acc*>(prm.row_dots) + (blk.g * prm.tokens + blk.i()) * kRelationDots;
+      const auto finish_row = [&](Side side, Acc dot, int slot) {
+        row_dots[side == Side::kStudent ? kDotStudent : kDotTeacher] = dot;
+        radial[slot * kTile + blk.rl()] = relation_radial(blk.norms(side), blk.i(), dot);
+      };
+      if (first.out) finish_row(rows, dot_first + other_half[blk.rl()], 0);
+      if (self && second.out) finish_row(Side::kTeacher, dot_second + other_half[kTile + blk.rl()], 1);
+    }
+    __syncthreads();
+  }
+  finish_gradient<In>(first, features<In>(prm, rows), blk.g, blk.row0, prm.tokens, started, radial);
+  if (self) {
+    finish_gradient<In>(second, features<In>(prm, Side::kTeacher), blk.g, blk.row0, prm.tokens,
+                        started, radial + kTile);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -955,12 +1082,12 @@ std::tuple<at::Tensor, at::Tensor> relation_kd_loss_cuda(const at::Tensor& stude
                                                          const at::Tensor& temperature,
                                                          const std::optional<at::Tensor>& valid,
                                                          c10::string_view kind,
-                                                         bool exclude_diagonal) {
+                                                         bool exclude_diagonal, bool normalize) {
   TORCH_CHECK_VALUE(student.is_cuda(), "relation_kd_loss (cuda): student must be a CUDA tensor; got ",
                     student.device());
   const c10::cuda::CUDAGuard guard(student.device());
   const RelationLaunch launch =
-      prepare_relation(student, teacher, temperature, valid, kind, exclude_diagonal);
+      prepare_relation(student, teacher, temperature, valid, kind, exclude_diagonal, normalize);
   const RelationParams& prm = launch.params;
   if (prm.groups * prm.tokens > 0) {
     const int device = student.get_device();
@@ -971,18 +1098,18 @@ std::tuple<at::Tensor, at::Tensor> relation_kd_loss_cuda(const at::Tensor& stude
   return {launch.row_loss, launch.row_stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> relation_kd_loss_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relation_kd_loss_backward_cuda(
     const at::Tensor& grad_row_loss, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& temperature, const std::optional<at::Tensor>& valid,
-    const at::Tensor& row_stats, c10::string_view kind, bool exclude_diagonal, bool student_grad,
-    bool teacher_grad) {
+    const at::Tensor& row_stats, c10::string_view kind, bool exclude_diagonal, bool normalize,
+    bool student_grad, bool teacher_grad) {
   TORCH_CHECK_VALUE(student.is_cuda(),
                     "relation_kd_loss_backward (cuda): student must be a CUDA tensor; got ",
                     student.device());
   const c10::cuda::CUDAGuard guard(student.device());
   const RelationLaunch launch = prepare_relation_backward(grad_row_loss, student, teacher, temperature,
                                                           valid, row_stats, kind, exclude_diagonal,
-                                                          student_grad, teacher_grad);
+                                                          normalize, student_grad, teacher_grad);
   const RelationParams& prm = launch.params;
   if ((student_grad || teacher_grad) && prm.groups * prm.tokens > 0) {
     const int device = student.get_device();
@@ -991,7 +1118,7 @@ std::tuple<at::Tensor, at::Tensor> relation_kd_loss_backward_cuda(
       launch_backward<decltype(tag)>(launch, student_grad, teacher_grad, device, stream);
     });
   }
-  return {launch.grad_student, launch.grad_teacher};
+  return {launch.grad_student, launch.grad_teacher, launch.row_dots};
 }
 
 }  // namespace

@@ -270,8 +270,8 @@ def _register_autograd(forward_op, backward_op) -> None:
         )
         grad_tau = None
         if need_tau:
-            # relation.h: the teacher's slot is 0 for infonce (not asked for), and counts half of
-            # the self-relation sum otherwise
+            # relation.h: infonce's sum is the student's slot alone (the teacher's, when asked
+            # for, holds the same total by columns); self relations count every entry twice
             inner = row_dots[..., 0].sum() if infonce else row_dots.sum() / 2
             grad_tau = (-inner / temperature.to(inner.device)).to(temperature.device)
         return (grad_student if need_student else None, grad_teacher if need_teacher else None,
