@@ -67,38 +67,6 @@ __device__ __forceinline__ float exact_exp(float x) { return static_cast<float>(
 __device__ __forceinline__ double exact_exp(double x) { return ::exp(x); }
 
 // ---------------------------------------------------------------------------------------------
-// Row layout
-// ---------------------------------------------------------------------------------------------
-
-// Elements [0, head) and [tail, V) one by one, `vectors` 16-byte vectors from element `head`.
-struct RowSplit {
-  int32_t head;
-  int32_t vectors;
-  int32_t tail;
-};
-
-__device__ __forceinline__ uint32_t misalignment(const void* p) {
-  return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p) & 15u);
-}
-
-// The split of row a, vectorized only if row b (read or written at the same indices) shares its
-// alignment; otherwise the whole row goes one by one (correct, slower).
-template <typename In>
-__device__ __forceinline__ RowSplit split_row(const In* a, const In* b, int32_t V) {
-  constexpr int kVec = Storage<In>::kVec;
-  const uint32_t off = misalignment(a);
-  RowSplit split;
-  if (misalignment(b) == off) {
-    split.head = min(off == 0 ? 0 : static_cast<int32_t>((16u - off) / sizeof(In)), V);
-  } else {
-    split.head = V;
-  }
-  split.vectors = (V - split.head) / kVec;
-  split.tail = split.head + split.vectors * kVec;
-  return split;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Selection keys
 // ---------------------------------------------------------------------------------------------
 
@@ -532,15 +500,6 @@ constexpr int kBackwardMaxThreads = 512;
 constexpr int kBackwardUnroll = 2;  // vectors in flight per thread
 template <typename In>
 constexpr int kBackwardMinBlocks = std::is_same_v<In, double> ? 1 : 2;
-
-// f(j) for this thread's share of the split's one-by-one elements.
-template <typename F>
-__device__ __forceinline__ void for_each_scalar(const RowSplit& split, int32_t V, F&& f) {
-  const int32_t count = split.head + (V - split.tail);
-  for (int32_t i = static_cast<int32_t>(threadIdx.x); i < count; i += static_cast<int32_t>(blockDim.x)) {
-    f(i < split.head ? i : split.tail + (i - split.head));
-  }
-}
 
 template <typename In>
 __device__ __forceinline__ void fill_row(In* g, int32_t V, AccOf<In> value) {

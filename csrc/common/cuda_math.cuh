@@ -258,6 +258,44 @@ struct Storage<__half> {
   }
 };
 
+// A row as head | 16-byte vectors | tail: elements [0, head) and [tail, V) one by one, `vectors`
+// vectors of Storage<In>::kVec elements from element `head`.
+struct RowSplit {
+  int32_t head;
+  int32_t vectors;
+  int32_t tail;
+};
+
+__device__ __forceinline__ uint32_t misalignment(const void* p) {
+  return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p) & 15u);
+}
+
+// The split of row a, vectorized only if row b (read or written at the same indices; nullptr:
+// none) shares its alignment; otherwise the whole row goes one by one (correct, slower).
+template <typename In>
+__device__ __forceinline__ RowSplit split_row(const In* a, const In* b, int32_t V) {
+  constexpr int kVec = Storage<In>::kVec;
+  const uint32_t off = misalignment(a);
+  RowSplit split;
+  if (b == nullptr || misalignment(b) == off) {
+    split.head = min(off == 0 ? 0 : static_cast<int32_t>((16u - off) / sizeof(In)), V);
+  } else {
+    split.head = V;
+  }
+  split.vectors = (V - split.head) / kVec;
+  split.tail = split.head + split.vectors * kVec;
+  return split;
+}
+
+// f(j) for this thread's share of the split's one-by-one elements.
+template <typename F>
+__device__ __forceinline__ void for_each_scalar(const RowSplit& split, int32_t V, F&& f) {
+  const int32_t count = split.head + (V - split.tail);
+  for (int32_t k = static_cast<int32_t>(threadIdx.x); k < count; k += static_cast<int32_t>(blockDim.x)) {
+    f(k < split.head ? k : split.tail + (k - split.head));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Memory
 // ---------------------------------------------------------------------------------------------

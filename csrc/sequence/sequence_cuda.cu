@@ -54,41 +54,6 @@ struct StatsOp {  // {m, s}
   }
 };
 
-// Head | body | tail split of one row: elements [0, head) and [tail, V) one by one, the body in
-// `vectors` 16-byte vectors starting at element `head`.
-struct RowSplit {
-  int32_t head;
-  int32_t vectors;
-  int32_t tail;
-};
-
-template <typename In>
-__device__ __forceinline__ RowSplit split_row(const In* z, const In* g, int32_t V) {
-  constexpr int kVec = Storage<In>::kVec;
-  const auto misalignment = [](const void* p) {
-    return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p) & 15u);
-  };
-  const uint32_t off = misalignment(z);
-  RowSplit split;
-  if (g == nullptr || misalignment(g) == off) {
-    split.head = min(off == 0 ? 0 : static_cast<int32_t>((16u - off) / sizeof(In)), V);
-  } else {
-    split.head = V;
-  }
-  split.vectors = (V - split.head) / kVec;
-  split.tail = split.head + split.vectors * kVec;
-  return split;
-}
-
-// f(j) for this thread's share of the split's one-by-one elements.
-template <typename F>
-__device__ __forceinline__ void for_each_scalar(const RowSplit& split, int32_t V, F&& f) {
-  const int32_t count = split.head + (V - split.tail);
-  for (int32_t k = static_cast<int32_t>(threadIdx.x); k < count; k += static_cast<int32_t>(blockDim.x)) {
-    f(k < split.head ? k : split.tail + (k - split.head));
-  }
-}
-
 // value everywhere on the gradient row (an ignored row: 0; a bad label: NaN); nothing is read.
 template <typename In>
 __device__ __forceinline__ void fill_row(In* g, const RowSplit& split, int32_t V, AccOf<In> value) {
