@@ -28,6 +28,7 @@ report that peak as a ratio to a budget they choose (for a loss: inputs + one gr
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import json
@@ -343,6 +344,61 @@ def run_providers(
         if error:
             print(f"note: {provider}: {error}", file=sys.stderr)
     return results
+
+
+def bench_parser(doc: str, *, plan_flag: str, plan_help: str, providers: dict[str, str],
+                 provider_names: str = "kdops, kdops:<backend>, eager, compile",
+                 copy: bool = True, worker_timeouts: dict[str, float] | None = None,
+                 worker_scope: str = "provider's worker") -> argparse.ArgumentParser:
+    """The options every worker-based script shares; the script adds its own after these.
+
+    plan_flag: "--shapes" or "--cases" (the comma list that replaces the default plan);
+    providers: the default providers per device kind ("cpu", "cuda"); copy: whether the script
+    reports a copy-bandwidth ceiling (--copy-mib); worker_timeouts: the default --worker-timeout
+    per device kind (cpu 3600 s, cuda 120 s unless given), worker_scope what one worker runs."""
+    timeouts = worker_timeouts or {"cpu": 3600, "cuda": 120}
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
+    ap.add_argument(plan_flag, help=plan_help)
+    ap.add_argument("--providers", help=f"comma list of {provider_names} "
+                    f"(default cpu: {providers['cpu']}; cuda: {providers['cuda']})")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-backend", default=None)
+    if copy:
+        ap.add_argument("--copy-mib", type=float, default=2048.0)
+    ap.add_argument("--worker-timeout", type=float, default=None,
+                    help=f"seconds per {worker_scope} (default cpu {timeouts['cpu']:g}, cuda "
+                    f"{timeouts['cuda']:g}); a worker stopped at it keeps the rows it finished")
+    ap.add_argument("--out")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.set_defaults(default_providers=providers, default_worker_timeouts=timeouts)
+    return ap
+
+
+def parse_bench_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parsed options with the defaults that depend on others: the torch.compile backend
+    (aot_eager for --quick, else inductor), the device's providers and worker timeout."""
+    args = ap.parse_args(argv)
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    args.providers = args.providers or args.default_providers[kind]
+    args.worker_timeout = args.worker_timeout or args.default_worker_timeouts[kind]
+    return args
+
+
+def bench_plan(args, name: str, plan_spec: str | None, *, quick: list, cpu: list,
+               gpu: list) -> tuple[list, str]:
+    """The plan (the script's --shapes / --cases, or its quick, CPU or GPU default) and the JSON
+    path (--out, or bench/results/<name>_<device>[_quick].json)."""
+    cuda = args.device.startswith("cuda")
+    plan = plan_spec.split(",") if plan_spec else (quick if args.quick else gpu if cuda else cpu)
+    tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
+    results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    return plan, args.out or os.path.join(results_dir, f"{name}_{tag}.json")
 
 
 def common_worker_args(args) -> list[str]:

@@ -29,7 +29,6 @@ Writes bench/results/coactivation_<device>[_quick].{json,md} (and a PNG unless -
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import os
@@ -39,7 +38,6 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PROVIDERS = {"cpu": "kdops,eager,compile,graph", "cuda": "kdops:cuda,kdops:triton,eager,compile,graph"}
 PASSES = ("fwd", "fwd_bwd")
 CPU_PLAN = ["2x512x32000:fp32:10", "2x512x32000:bf16:10", "2x256x4096:fp32:10"]
@@ -216,44 +214,26 @@ def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
-    ap.add_argument("--cases", help="comma list of BxTxV[:dtype[:k]]")
-    ap.add_argument("--providers", help="comma list of kdops, kdops:<backend>, eager, compile, graph "
-                    f"(default cpu: {PROVIDERS['cpu']}; cuda: {PROVIDERS['cuda']})")
-    ap.add_argument("--reps", type=int)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compile-backend", default=None)
+    ap = H.bench_parser(__doc__, plan_flag="--cases", plan_help="comma list of BxTxV[:dtype[:k]]",
+                        providers=PROVIDERS, worker_timeouts={"cpu": 1800, "cuda": 300},
+                        provider_names="kdops, kdops:<backend>, eager, compile, graph")
     ap.add_argument("--graph-gib", type=float, default=None,
                     help="largest [B, V, V] float32 graph the graph provider builds (default cpu 1, cuda 16)")
-    ap.add_argument("--copy-mib", type=float, default=2048.0)
-    ap.add_argument("--worker-timeout", type=float, default=None,
-                    help="seconds per provider's worker (default cpu 1800, cuda 300); a worker "
-                    "stopped at it keeps the rows it finished")
-    ap.add_argument("--out")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = H.parse_bench_args(ap, argv)
     cuda = args.device.startswith("cuda")
-    if args.compile_backend is None:
-        args.compile_backend = "aot_eager" if args.quick else "inductor"
     if args.graph_gib is None:
         args.graph_gib = 16.0 if cuda else 1.0
     if args.worker:
         return worker_main(args)
 
-    args.providers = args.providers or PROVIDERS["cuda" if cuda else "cpu"]
-    plan = args.cases.split(",") if args.cases else (QUICK_PLAN if args.quick else
-                                                        GPU_PLAN if cuda else CPU_PLAN)
-    tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
-    out = args.out or os.path.join(HERE, "results", f"coactivation_{tag}.json")
+    plan, out = H.bench_plan(args, "coactivation", args.cases, quick=QUICK_PLAN, cpu=CPU_PLAN,
+                             gpu=GPU_PLAN)
     worker_args = H.common_worker_args(args) + ["--graph-gib", str(args.graph_gib)]
 
     copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20)) if cuda else None
     providers = args.providers.split(",")
     results = H.run_providers(__file__, providers, plan, worker_args,
-                              timeout=args.worker_timeout or (300 if cuda else 1800))
+                              timeout=args.worker_timeout)
 
     headers, rows = report(results, copy)
     H.write_report(

@@ -22,7 +22,6 @@ Writes bench/results/relation_<device>[_quick].{json,md} (and a PNG unless --no-
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import os
@@ -32,7 +31,6 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PROVIDERS = {"cpu": "kdops,eager,compile", "cuda": "kdops,eager,compile"}
 PASSES = ("fwd", "fwd_bwd")
 # BxNxD:dtype:kind[:raw]; raw: normalize=False (every provider skips the L2 normalization, as TRG's
@@ -220,32 +218,16 @@ def report(results: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
-    ap.add_argument("--cases", help="comma list of BxNxD:dtype:kind")
-    ap.add_argument("--providers", help="comma list of kdops, kdops:<backend>, eager, compile "
-                    f"(default cpu: {PROVIDERS['cpu']}; cuda: {PROVIDERS['cuda']})")
-    ap.add_argument("--reps", type=int)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compile-backend", default=None)
-    ap.add_argument("--worker-timeout", type=float, default=None,
-                    help="seconds per worker, one case of one provider (default cpu 3600, cuda 120); "
-                    "a worker stopped at it keeps the rows it finished")
-    ap.add_argument("--out")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.compile_backend is None:
-        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    ap = H.bench_parser(__doc__, plan_flag="--cases", plan_help="comma list of BxNxD:dtype:kind",
+                        providers=PROVIDERS, copy=False,
+                        worker_scope="worker, one case of one provider")
+    args = H.parse_bench_args(ap, argv)
     if args.worker:
         return worker_main(args)
 
     cuda = args.device.startswith("cuda")
-    args.providers = args.providers or PROVIDERS["cuda" if cuda else "cpu"]
-    plan = args.cases.split(",") if args.cases else (QUICK_PLAN if args.quick else GPU_PLAN if cuda else CPU_PLAN)
-    tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
-    out = args.out or os.path.join(HERE, "results", f"relation_{tag}.json")
+    plan, out = H.bench_plan(args, "relation", args.cases, quick=QUICK_PLAN, cpu=CPU_PLAN,
+                             gpu=GPU_PLAN)
     worker_args = H.common_worker_args(args)
 
     # One worker per (case, provider), the providers of a case back to back: on a shared machine
@@ -254,7 +236,7 @@ def main(argv=None) -> int:
     for spec in plan:
         for provider in args.providers.split(","):
             records, error = H.run_worker(__file__, [provider, spec, *worker_args],
-                                          timeout=args.worker_timeout or (120 if cuda else 3600),
+                                          timeout=args.worker_timeout,
                                           env=None if cuda else WORKER_ENV)
             results += records
             if error:

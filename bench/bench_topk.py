@@ -21,7 +21,6 @@ Writes bench/results/topk_<device>[_quick].{json,md} (and a PNG unless --no-plot
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import os
@@ -31,7 +30,6 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PROVIDERS = {"cpu": "kdops,eager,compile", "cuda": "kdops:cuda,kdops:triton,eager,compile"}
 PASSES = ("fwd", "fwd_bwd")
 CPU_PLAN = ["4096x32000x64:fp32", "4096x32000x64:bf16"]
@@ -184,43 +182,24 @@ def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (CI smoke test)")
-    ap.add_argument("--shapes", help="comma list of NxVxK[:dtype]")
-    ap.add_argument("--providers", help="comma list of kdops, kdops:<backend>, eager, compile "
-                    f"(default cpu: {PROVIDERS['cpu']}; cuda: {PROVIDERS['cuda']})")
-    ap.add_argument("--reps", type=int)
+    ap = H.bench_parser(__doc__, plan_flag="--shapes", plan_help="comma list of NxVxK[:dtype]",
+                        providers=PROVIDERS, worker_timeouts={"cpu": 3600, "cuda": 60})
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compile-backend", default=None)
-    ap.add_argument("--copy-mib", type=float, default=2048.0)
-    ap.add_argument("--worker-timeout", type=float, default=None,
-                    help="seconds per provider's worker (default cpu 3600, cuda 60); a worker "
-                    "stopped at it keeps the rows it finished")
-    ap.add_argument("--out")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.compile_backend is None:
-        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    args = H.parse_bench_args(ap, argv)
     if args.worker:
         return worker_main(args)
 
     cuda = args.device.startswith("cuda")
-    args.providers = args.providers or PROVIDERS["cuda" if cuda else "cpu"]
-    plan = args.shapes.split(",") if args.shapes else (QUICK_PLAN if args.quick else
-                                                         GPU_PLAN if cuda else CPU_PLAN)
-    tag = args.device.split(":")[0] + ("_quick" if args.quick else "")
-    out = args.out or os.path.join(HERE, "results", f"topk_{tag}.json")
+    plan, out = H.bench_plan(args, "topk", args.shapes, quick=QUICK_PLAN, cpu=CPU_PLAN,
+                             gpu=GPU_PLAN)
     worker_args = H.common_worker_args(args)
     worker_args += ["--temperature", str(args.temperature), "--beta", str(args.beta)]
 
     copy = H.copy_bandwidth(args.device, int(args.copy_mib * 2**20)) if cuda else None
     providers = args.providers.split(",")
     results = H.run_providers(__file__, providers, plan, worker_args,
-                              timeout=args.worker_timeout or (60 if cuda else 3600))
+                              timeout=args.worker_timeout)
 
     headers, rows = report(results, copy)
     H.write_report(
