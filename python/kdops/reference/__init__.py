@@ -9,9 +9,8 @@ from .adaspec import adaspec_loss, adaspec_token_kl
 from .coactivation import coactivation_features, coactivation_graph
 from .divergence import DIVERGENCES, REDUCTIONS, kd_loss
 from .fused_linear import fused_linear_kd_loss
-from . import relation  # the module too: relation_row_loss, the per-token oracle
 from .gw import gw_1d, sliced_gw, sorted_gw
-from .relation import relation_kd_loss, token_relation
+from .relation import relation_kd_loss, token_relation  # binds the module too (relation_row_loss)
 from .selection import select_top_fraction
 from .sequence import sequence_logprob
 from .topk import topk_kd_loss
