@@ -502,21 +502,6 @@ template <typename In>
 constexpr int kBackwardMinBlocks = std::is_same_v<In, double> ? 1 : 2;
 
 template <typename In>
-__device__ __forceinline__ void fill_row(In* g, int32_t V, AccOf<In> value) {
-  using Acc = AccOf<In>;
-  constexpr int kVec = Storage<In>::kVec;
-  const RowSplit split = split_row(g, g, V);
-  Acc values[kVec];
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) values[e] = value;
-  const uint4 packed = Storage<In>::pack(values);
-  for (int32_t i = static_cast<int32_t>(threadIdx.x); i < split.vectors; i += static_cast<int32_t>(blockDim.x)) {
-    store16(g + split.head + static_cast<int64_t>(i) * kVec, packed);
-  }
-  for_each_scalar(split, V, [&](int32_t j) { Storage<In>::store(g + j, value); });
-}
-
-template <typename In>
 __global__ void __launch_bounds__(kBackwardMaxThreads, kBackwardMinBlocks<In>)
     coactivation_backward_kernel(const CoactivationParams prm) {
   using Acc = AccOf<In>;
@@ -541,7 +526,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, kBackwardMinBlocks<In>)
   for (int64_t pos = blockIdx.x; pos < prm.positions(); pos += gridDim.x) {
     In* g = grad_logits + pos * prm.vocab;
     if (!prm.counts(pos)) {
-      fill_row<In>(g, V, Acc(0));
+      fill_row<In>(g, split_row(g, g, V), V, Acc(0));
       continue;
     }
     const int64_t b = pos / prm.seq;
@@ -561,7 +546,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, kBackwardMinBlocks<In>)
     const Acc c = seq_scale[b];
     const auto dv_at = [&](int32_t kk) { return c * (gf[ids[kk]] * s + gv); };
     if (!softmax) {  // dL/dz = dv at the kept ids, 0 elsewhere
-      fill_row<In>(g, V, Acc(0));
+      fill_row<In>(g, split_row(g, g, V), V, Acc(0));
       __syncthreads();
       for (int32_t kk = tid; kk < K; kk += threads) Storage<In>::store(g + ids[kk], dv_at(kk));
       continue;

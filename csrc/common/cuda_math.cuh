@@ -306,6 +306,22 @@ __device__ __forceinline__ uint4 load16(const void* p) { return __ldg(static_cas
 // that are (the plain path's second sweep) out of L2.
 __device__ __forceinline__ void store16(void* p, const uint4& v) { __stcs(static_cast<uint4*>(p), v); }
 
+// `value` everywhere on row g of V elements laid out as `split` (split_row); nothing is read.
+template <typename In>
+__device__ __forceinline__ void fill_row(In* g, const RowSplit& split, int32_t V,
+                                         typename Storage<In>::Acc value) {
+  using Acc = typename Storage<In>::Acc;
+  constexpr int kVec = Storage<In>::kVec;
+  Acc values[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) values[e] = value;
+  const uint4 packed = Storage<In>::pack(values);
+  for (int32_t i = static_cast<int32_t>(threadIdx.x); i < split.vectors; i += static_cast<int32_t>(blockDim.x)) {
+    store16(g + split.head + static_cast<int64_t>(i) * kVec, packed);
+  }
+  for_each_scalar(split, V, [&](int32_t j) { Storage<In>::store(g + j, value); });
+}
+
 // 16-byte global -> shared copy that bypasses registers (and L1). Completion is awaited per
 // thread with cp_async_wait_all(), which also makes the data visible to the issuing thread; other
 // threads need a barrier after that.

@@ -54,21 +54,6 @@ struct StatsOp {  // {m, s}
   }
 };
 
-// value everywhere on the gradient row (an ignored row: 0; a bad label: NaN); nothing is read.
-template <typename In>
-__device__ __forceinline__ void fill_row(In* g, const RowSplit& split, int32_t V, AccOf<In> value) {
-  using Acc = AccOf<In>;
-  constexpr int kVec = Storage<In>::kVec;
-  Acc values[kVec];
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) values[e] = value;
-  const uint4 packed = Storage<In>::pack(values);
-  for (int32_t i = static_cast<int32_t>(threadIdx.x); i < split.vectors; i += static_cast<int32_t>(blockDim.x)) {
-    store16(g + split.head + static_cast<int64_t>(i) * kVec, packed);
-  }
-  for_each_scalar(split, V, [&](int32_t j) { Storage<In>::store(g + j, value); });
-}
-
 template <typename In>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<In>)
     sequence_logprob_kernel(const SequenceParams prm) {
@@ -92,7 +77,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<In>)
     if (kind != LabelKind::kValid) {
       const Acc value = kind == LabelKind::kIgnored ? Acc(0) : quiet_nan<Acc>();
       if (tid == 0) token_logprob[r] = value;
-      if (g) fill_row<In>(g, split, V, value);
+      if (g) fill_row<In>(g, split, V, value);  // an ignored row: 0; a bad label: NaN
       continue;
     }
     const int32_t y = static_cast<int32_t>(label);
