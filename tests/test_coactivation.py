@@ -15,6 +15,7 @@ import torch
 import kdops
 import kdops.reference.coactivation as ref
 from record_ops import RecordKdopsOps
+from scaled_close import assert_scaled_close
 
 TRANSFORMS = ("softmax", "logits")
 
@@ -51,14 +52,6 @@ def _mask(kind, batch, seq, seed):
     return mask
 
 
-def _assert_close(actual, expected, rtol, what, scale=None):
-    """Max error within rtol of `scale`, by default the largest expected magnitude."""
-    if scale is None:
-        scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    assert err <= rtol * max(scale, 1e-30) + 1e-300, f"{what}: max error {err} vs scale {scale}"
-
-
 def _check_against_oracle(z, k, *, mask=None, temperature=1.0, transform="softmax", normalize=True,
                           grad=True, grad_scale=None, view=lambda t: t):
     """view: applied to the differentiable leaf, so that strided views reach the op as views."""
@@ -69,7 +62,7 @@ def _check_against_oracle(z, k, *, mask=None, temperature=1.0, transform="softma
     assert features.shape == (view(z).shape[0], view(z).shape[-1])
     x_ref = z.detach().double().requires_grad_(grad)
     expected = ref.coactivation_features(view(x_ref), k, **kwargs)
-    _assert_close(features, expected, FEATURE_RTOL[z.dtype], "features")
+    assert_scaled_close(features, expected, FEATURE_RTOL[z.dtype], "features")
     assert torch.isfinite(features).all() or not torch.isfinite(expected).all()
     if not grad:
         return
@@ -77,7 +70,7 @@ def _check_against_oracle(z, k, *, mask=None, temperature=1.0, transform="softma
     (features.double() * weights).sum().backward()
     (expected * weights).sum().backward()
     assert x.grad.dtype == z.dtype
-    _assert_close(x.grad, x_ref.grad, GRAD_RTOL[z.dtype], "logit gradient", grad_scale)
+    assert_scaled_close(x.grad, x_ref.grad, GRAD_RTOL[z.dtype], "logit gradient", grad_scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -177,7 +170,7 @@ def test_graph_row_sums_are_the_features(transform, normalize):
     graph = kdops.coactivation_graph(z, 5, node_ids=torch.arange(29), **kwargs)
     features = kdops.coactivation_features(z, 5, **kwargs)
     assert graph.shape == (2, 29, 29)
-    _assert_close(graph.sum(-1), features.double(), 1e-5, "graph row sums")
+    assert_scaled_close(graph.sum(-1), features.double(), 1e-5, "graph row sums")
     torch.testing.assert_close(graph, graph.transpose(1, 2))
 
 
@@ -188,10 +181,10 @@ def test_graph_matches_oracle_with_per_sequence_nodes():
     graph = kdops.coactivation_graph(x, 4, node_ids=nodes, mask=_mask("random", 3, 5, seed=16))
     x_ref = z.double().requires_grad_()
     expected = ref.coactivation_graph(x_ref, 4, node_ids=nodes, mask=_mask("random", 3, 5, seed=16))
-    _assert_close(graph, expected, 1e-5, "graph")
+    assert_scaled_close(graph, expected, 1e-5, "graph")
     graph.sum().backward()
     expected.sum().backward()
-    _assert_close(x.grad, x_ref.grad, 1e-5, "graph gradient")
+    assert_scaled_close(x.grad, x_ref.grad, 1e-5, "graph gradient")
 
 
 # ---- gradcheck and opcheck ------------------------------------------------------------------
@@ -315,7 +308,7 @@ def _check_cuda(z, k, *, mask=None, temperature=1.0, transform="softmax", normal
     assert features.dtype == (torch.float64 if z.dtype == torch.float64 else torch.float32)
     z_ref = (view(z) if view else z).detach().double().requires_grad_(grad)
     expected = _features_by_scatter(z_ref, k, mask=mask, **kwargs)
-    _assert_close(features.cpu(), expected, _feature_rtol(z.dtype, z.shape[-1]), "features")
+    assert_scaled_close(features.cpu(), expected, _feature_rtol(z.dtype, z.shape[-1]), "features")
     _, ids, _, _ = torch.ops.kdops.coactivation_features(
         logits.detach(), k, torch.tensor(float(temperature), dtype=features.dtype, device="cuda"),
         None if mask is None else mask.cuda(), transform, normalize)
@@ -330,7 +323,7 @@ def _check_cuda(z, k, *, mask=None, temperature=1.0, transform="softmax", normal
     (expected * weights).sum().backward()
     grad_in = view(x.grad).cpu() if view else x.grad.cpu()
     assert x.grad.dtype == z.dtype
-    _assert_close(grad_in, z_ref.grad, GRAD_RTOL[z.dtype], "logit gradient", grad_scale)
+    assert_scaled_close(grad_in, z_ref.grad, GRAD_RTOL[z.dtype], "logit gradient", grad_scale)
     if view:  # nothing outside the view
         outside = x.grad.clone()
         view(outside).zero_()
@@ -473,5 +466,5 @@ def test_gpu_more_than_2_31_elements():
     tail = z[-1:].detach().cpu().requires_grad_()
     expected = kdops.coactivation_features(tail, 10)
     (expected * weights[-1:].cpu()).sum().backward()
-    _assert_close(features[-1:].cpu(), expected, 1e-5, "features of the last sequence")
-    _assert_close(z.grad[-1:].cpu(), tail.grad, 2**-7, "gradient of the last sequence")
+    assert_scaled_close(features[-1:].cpu(), expected, 1e-5, "features of the last sequence")
+    assert_scaled_close(z.grad[-1:].cpu(), tail.grad, 2**-7, "gradient of the last sequence")

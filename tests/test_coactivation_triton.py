@@ -30,6 +30,7 @@ import kdops.reference.coactivation as ref  # noqa: E402
 from kdops.kernels import TRITON_OPS  # noqa: E402
 from kdops.kernels import coactivation as triton_coactivation  # noqa: E402
 from record_ops import RecordKdopsOps
+from scaled_close import assert_scaled_close
 
 pytestmark = [
     pytest.mark.triton_interpret,
@@ -92,14 +93,6 @@ def _mask(kind, batch, seq, seed):
     return mask
 
 
-def _assert_close(actual, expected, rtol, what):
-    """Max error within rtol of the largest expected magnitude."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= rtol * max(scale, 1e-30) + 1e-300, f"{what}: max error {err} vs scale {scale}"
-
-
 def _run_op(z, k, mask=None, temperature=1.0, transform="softmax", normalize=True):
     """The Triton op on DEVICE and the C++ op on the CPU, both [features, ids, values, lse]."""
     tau = torch.tensor(temperature, dtype=_acc(z.dtype))
@@ -123,10 +116,10 @@ def _check(z, k, *, mask=None, temperature=1.0, transform="softmax", normalize=T
     assert torch.equal(ids[counted], ref_ids[counted])
     for name, actual, expected in (("values", values, cpu_values), ("shifted_lse", lse, cpu_lse),
                                    ("features", features, cpu_features)):
-        _assert_close(actual, expected, CPU_RTOL[acc], name)
+        assert_scaled_close(actual, expected, CPU_RTOL[acc], name)
     z64 = z.double().requires_grad_(grad)
     expected = ref.coactivation_features(z64, k, **kwargs)
-    _assert_close(features, expected, FEATURE_RTOL[z.dtype], "features")
+    assert_scaled_close(features, expected, FEATURE_RTOL[z.dtype], "features")
     if not grad:
         return
     weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -136,7 +129,7 @@ def _check(z, k, *, mask=None, temperature=1.0, transform="softmax", normalize=T
                            values.to(DEVICE), lse.to(DEVICE), tau, None if mask is None else mask.to(DEVICE),
                            transform, normalize)
     assert grad_logits.dtype == z.dtype and grad_logits.shape == z.shape
-    _assert_close(grad_logits, z64.grad, GRAD_RTOL[z.dtype], "logit gradient")
+    assert_scaled_close(grad_logits, z64.grad, GRAD_RTOL[z.dtype], "logit gradient")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -263,9 +256,9 @@ def test_public_functions_and_autograd():
     z64 = z.detach().double().requires_grad_()
     expected = ref.coactivation_features(z64, 3, mask=mask, temperature=1.3)
     (expected * weights.double().cpu()).sum().backward()
-    _assert_close(features, expected, FEATURE_RTOL[torch.float32], "features")
-    _assert_close(x.grad, z64.grad, GRAD_RTOL[torch.float32], "logit gradient")
-    _assert_close(graph.sum(-1), expected, 1e-5, "graph row sums")
+    assert_scaled_close(features, expected, FEATURE_RTOL[torch.float32], "features")
+    assert_scaled_close(x.grad, z64.grad, GRAD_RTOL[torch.float32], "logit gradient")
+    assert_scaled_close(graph.sum(-1), expected, 1e-5, "graph row sums")
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -349,14 +342,14 @@ def _gpu_check_against_cpu(batch, seq, vocab, k, dtype, transform):
     (features, ids, values, lse), (cpu_features, cpu_ids, cpu_values, cpu_lse) = _run_op(
         z, k, mask=mask, temperature=1.3, transform=transform)
     assert torch.equal(ids, cpu_ids)
-    _assert_close(features, cpu_features, 1e-5, "features")
-    _assert_close(values, cpu_values, 1e-5, "values")
+    assert_scaled_close(features, cpu_features, 1e-5, "features")
+    assert_scaled_close(values, cpu_values, 1e-5, "values")
     weights = torch.randn(batch, vocab)
     grad = BACKWARD(weights.to(DEVICE), z.to(DEVICE), ids.to(DEVICE), values.to(DEVICE), lse.to(DEVICE),
                     tau.to(DEVICE), mask.to(DEVICE), transform, True)
     cpu_grad = torch.ops.kdops.coactivation_features_backward(
         weights, z, cpu_ids, cpu_values, cpu_lse, tau, mask, transform, True)
-    _assert_close(grad, cpu_grad, 2 * GRAD_RTOL[dtype], "logit gradient")
+    assert_scaled_close(grad, cpu_grad, 2 * GRAD_RTOL[dtype], "logit gradient")
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ import torch
 import kdops
 import kdops.reference.relation as ref
 from record_ops import RecordKdopsOps
+from scaled_close import assert_scaled_close
 
 KIND_CASES = [("kl", False), ("kl", True), ("mse", False), ("mse", True), ("infonce", False)]
 SCOPES = ("sequence", "batch")
@@ -50,17 +51,6 @@ def _mask(kind, batch, tokens, seed):
     return mask
 
 
-def _assert_close(actual, expected, rtol, what, scale=None):
-    """Max error within rtol of `scale`, by default the largest expected magnitude."""
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    if expected.numel() == 0:
-        return
-    if scale is None:
-        scale = expected.abs().max().item()
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rtol * max(scale, 1e-30) + 1e-300, f"{what}: max error {err} vs scale {scale}"
-
-
 def _check_against_oracle(student, teacher, *, grad=True, loss_rtol=None, grad_rtol=None, **kwargs):
     """The per-token losses and both feature gradients (of a random weighting of the tokens)."""
     dtype = student.dtype
@@ -76,7 +66,7 @@ def _check_against_oracle(student, teacher, *, grad=True, loss_rtol=None, grad_r
     entries = [ref.token_relation(x.detach(), temperature=kwargs.get("temperature", 1.0),
                                   normalize=kwargs.get("normalize", True)) for x in (student, teacher)]
     scale = max([expected.abs().max().item()] + [e.abs().max().item() for e in entries if e.numel()])
-    _assert_close(rows, expected, loss_rtol or LOSS_RTOL[dtype], "row loss", scale=scale)
+    assert_scaled_close(rows, expected, loss_rtol or LOSS_RTOL[dtype], "row loss", scale=scale)
     mask = kwargs.get("mask")
     if mask is not None:
         assert (rows[~mask] == 0).all()
@@ -93,7 +83,7 @@ def _check_against_oracle(student, teacher, *, grad=True, loss_rtol=None, grad_r
     # against the features' size.
     floor = 1e-3 * max(student.abs().max().item(), teacher.abs().max().item(), 0.0)
     for got, want, name in ((s.grad, s_ref.grad, "student grad"), (t.grad, t_ref.grad, "teacher grad")):
-        _assert_close(got, want, grad_rtol or GRAD_RTOL[dtype], name,
+        assert_scaled_close(got, want, grad_rtol or GRAD_RTOL[dtype], name,
                       scale=max(want.abs().max().item(), floor) if want.numel() else None)
 
 
@@ -160,13 +150,13 @@ def test_reductions(reduction, mask_kind, kind):
     kwargs = dict(kind=kind, mask=_mask(mask_kind, 3, 9, seed=15), reduction=reduction, scope="batch")
     loss = kdops.relation_kd_loss(s, t, **kwargs)
     expected = ref.relation_kd_loss(s, t, **kwargs)
-    _assert_close(loss, expected, 1e-10, "loss", scale=1.0)
+    assert_scaled_close(loss, expected, 1e-10, "loss", scale=1.0)
     assert torch.isfinite(loss).all()
     if mask_kind == "all_masked":
         assert (loss == 0).all()
     (grad,) = torch.autograd.grad(loss.sum(), s)
     (want,) = torch.autograd.grad(expected.sum(), s)
-    _assert_close(grad, want, 1e-10, "grad", scale=1.0)
+    assert_scaled_close(grad, want, 1e-10, "grad", scale=1.0)
 
 
 def test_equal_inputs_give_zero():
@@ -226,7 +216,7 @@ def test_row_dots(kind, exclude_diagonal, normalize):
                                     exclude_diagonal=exclude_diagonal, reduction="none")
     (expected * weights).sum().backward()
     for slot, x in enumerate(u):
-        _assert_close(dots[..., slot], (x.grad * x.detach()).sum(-1), 1e-10, f"row dots {slot}")
+        assert_scaled_close(dots[..., slot], (x.grad * x.detach()).sum(-1), 1e-10, f"row dots {slot}")
 
 
 @pytest.mark.parametrize("kind", ["kl", "mse", "infonce"])
@@ -296,11 +286,11 @@ def test_token_relation(normalize):
     r = kdops.token_relation(f, temperature=tau, normalize=normalize)
     expected = ref.token_relation(f_ref, temperature=0.8, normalize=normalize)
     assert r.shape == (2, 13, 13) and r.dtype == torch.float32
-    _assert_close(r, expected, 1e-6, "relation")
+    assert_scaled_close(r, expected, 1e-6, "relation")
     weights = torch.randn(r.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     (r.double() * weights).sum().backward()
     (expected * weights).sum().backward()
-    _assert_close(f.grad, f_ref.grad, 1e-5, "feature grad")
+    assert_scaled_close(f.grad, f_ref.grad, 1e-5, "feature grad")
     assert tau.grad is not None
 
 

@@ -18,6 +18,7 @@ import torch
 
 import kdops
 import kdops.reference.relation as ref
+from scaled_close import assert_scaled_close
 
 pytestmark = pytest.mark.gpu
 
@@ -56,20 +57,6 @@ def _mask(kind, batch, tokens, seed):
     return mask.cuda()
 
 
-def _assert_close(actual, expected, rtol, what, scale=None):
-    """Max error within rtol of `scale`, by default the largest expected magnitude."""
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    if expected.numel() == 0:
-        return
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    if scale is None:
-        scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= rtol * max(scale, 1e-30) + 1e-300, f"{what}: max error {err} vs scale {scale}"
-
-
 def _rows_and_grads(student, teacher, weights, backend, **kwargs):
     """Per-token losses and the gradients of sum(rows * weights) for both features."""
     s = student.detach().clone().requires_grad_()
@@ -103,7 +90,7 @@ def _check_against_oracle(student, teacher, *, loss_rtol=None, grad_rtol=None, *
     entries = [ref.token_relation(x.detach().cpu(), temperature=temperature, normalize=normalize)
                for x in (student, teacher)]
     scale = max([expected.abs().max().item()] + [e.abs().max().item() for e in entries if e.numel()])
-    _assert_close(rows, expected, loss_rtol or LOSS_RTOL[dtype], "row loss", scale=scale)
+    assert_scaled_close(rows, expected, loss_rtol or LOSS_RTOL[dtype], "row loss", scale=scale)
     if cpu_kwargs.get("mask") is not None:
         assert (rows.cpu()[~cpu_kwargs["mask"]] == 0).all()
     # A gradient that is exactly 0 in exact arithmetic (a singleton infonce row: softmax 1) comes
@@ -111,7 +98,7 @@ def _check_against_oracle(student, teacher, *, loss_rtol=None, grad_rtol=None, *
     # column pass with normalize). The floor measures that noise against the features' size.
     floor = 1e-3 * max(student.abs().max().item(), teacher.abs().max().item(), 0.0)
     for got, want, name in ((gs, s_ref.grad, "student grad"), (gt, t_ref.grad, "teacher grad")):
-        _assert_close(got, want, grad_rtol or GRAD_RTOL[dtype], name,
+        assert_scaled_close(got, want, grad_rtol or GRAD_RTOL[dtype], name,
                       scale=max(want.abs().max().item(), floor) if want.numel() else None)
 
 
@@ -190,7 +177,7 @@ def test_zero_and_tiny_norm_tokens(kind, dtype):
     t_ref = t.to(dtype).double().requires_grad_()
     expected = ref.relation_kd_loss(s_ref, t_ref, kind=kind, mask=mask, temperature=0.7, reduction="none")
     (expected * weights).sum().backward()
-    _assert_close(rows, expected, LOSS_RTOL[dtype], "row loss",
+    assert_scaled_close(rows, expected, LOSS_RTOL[dtype], "row loss",
                   scale=max(1 / 0.7, expected.abs().max().item()))
     # a clamped token's gradient is s_i sum_j M_ij u_j alone: float32 sums of 70 terms
     clamped_rtol = GRAD_RTOL[dtype] if dtype == torch.float64 else 1e-3
@@ -198,8 +185,8 @@ def test_zero_and_tiny_norm_tokens(kind, dtype):
         others = torch.ones(2, 70, dtype=torch.bool)
         for g, token in clamped[name]:
             others[g, token] = False
-            _assert_close(got[g, token], want[g, token], clamped_rtol, f"{name} grad at [{g}, {token}]")
-        _assert_close(got.cpu()[others], want[others], GRAD_RTOL[dtype], f"{name} grad, other tokens")
+            assert_scaled_close(got[g, token], want[g, token], clamped_rtol, f"{name} grad at [{g}, {token}]")
+        assert_scaled_close(got.cpu()[others], want[others], GRAD_RTOL[dtype], f"{name} grad, other tokens")
     assert (gs[0, 69] == 0).all() and (gs[1, 0] == 0).all() and (gt[0, 69] == 0).all()
 
 
@@ -240,8 +227,8 @@ def test_matches_cpu_op(kind, exclude_diagonal, dtype, normalize):
     rows, stats = OP(s, t, tau, valid, *args)
     rows_cpu, stats_cpu = OP(s.cpu(), t.cpu(), tau, valid.cpu(), *args)
     scale = max(1.0, stats_cpu.abs().max().item())
-    _assert_close(rows, rows_cpu, 3e-5, "row loss", scale=scale)
-    _assert_close(stats, stats_cpu, 3e-5, "row stats", scale=scale)
+    assert_scaled_close(rows, rows_cpu, 3e-5, "row loss", scale=scale)
+    assert_scaled_close(stats, stats_cpu, 3e-5, "row stats", scale=scale)
 
     grad = torch.randn(3, 150, generator=torch.Generator().manual_seed(33))
     grad_rtol = 1e-4 if dtype == torch.float32 else 2**-7
@@ -253,10 +240,10 @@ def test_matches_cpu_op(kind, exclude_diagonal, dtype, normalize):
     for name, got in runs:
         for which, g, want in zip(("student", "teacher"), got[:2], cpu[:2]):
             assert g.dtype == dtype
-            _assert_close(g, want, grad_rtol, f"{name}: {which} grad")
+            assert_scaled_close(g, want, grad_rtol, f"{name}: {which} grad")
         # float32 sums of the same entries whatever the input dtype
         assert got[2].dtype == acc and got[2].shape == (3, 150, 2)
-        _assert_close(got[2], cpu[2], 1e-4, f"{name}: row dots")
+        assert_scaled_close(got[2], cpu[2], 1e-4, f"{name}: row dots")
         assert (got[2].cpu()[~valid.cpu()] == 0).all()
     if kind == "infonce":
         assert (cuda[2][..., 1].abs().sum() > 0).item()  # the column pass's c_t
@@ -308,7 +295,7 @@ def test_row_dots(kind, exclude_diagonal, normalize):
                                     exclude_diagonal=exclude_diagonal, reduction="none")
     (expected * weights).sum().backward()
     for slot, x in enumerate(u):
-        _assert_close(dots[..., slot], (x.grad * x.detach()).sum(-1), 1e-10, f"row dots {slot}")
+        assert_scaled_close(dots[..., slot], (x.grad * x.detach()).sum(-1), 1e-10, f"row dots {slot}")
 
 
 @pytest.mark.parametrize("kind", ["kl", "mse", "infonce"])
@@ -447,8 +434,8 @@ def test_offsets_above_2_31():
     rows_cpu, stats_cpu = OP(s[tail].cpu(), t[tail].cpu(), tau, None, "kl", False, True)
     gs_cpu, gt_cpu, dots_cpu = BACKWARD(grad[tail].cpu(), s[tail].cpu(), t[tail].cpu(), tau, None,
                                         stats_cpu, "kl", False, True, True, True)
-    _assert_close(rows[tail], rows_cpu, 3e-5, "row loss tail", scale=max(1.0, stats_cpu.abs().max().item()))
-    _assert_close(gs[tail], gs_cpu, 2**-7, "student grad tail")
-    _assert_close(gt[tail], gt_cpu, 2**-7, "teacher grad tail")
-    _assert_close(dots[tail], dots_cpu, 1e-4, "row dots tail")
+    assert_scaled_close(rows[tail], rows_cpu, 3e-5, "row loss tail", scale=max(1.0, stats_cpu.abs().max().item()))
+    assert_scaled_close(gs[tail], gs_cpu, 2**-7, "student grad tail")
+    assert_scaled_close(gt[tail], gt_cpu, 2**-7, "teacher grad tail")
+    assert_scaled_close(dots[tail], dots_cpu, 1e-4, "row dots tail")
     assert (gs[: groups - 2] == 0).all() and (dots[: groups - 2] == 0).all()

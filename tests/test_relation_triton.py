@@ -34,6 +34,7 @@ import kdops.reference.relation as ref  # noqa: E402
 from kdops.kernels import TRITON_OPS  # noqa: E402
 from kdops.kernels import relation as triton_relation  # noqa: E402
 from record_ops import RecordKdopsOps
+from scaled_close import assert_scaled_close
 
 pytestmark = [
     pytest.mark.triton_interpret,
@@ -88,17 +89,9 @@ def _mask(kind, groups, tokens, gen):
 
 
 def _assert_close(actual, expected, rtol, what, scale=None):
-    """Max error within rtol of `scale`, by default the largest expected magnitude."""
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    """assert_scaled_close, and the dtype of the C++ op's output (or any against the oracle)."""
     assert actual.dtype == expected.dtype or expected.dtype == torch.float64, (what, actual.dtype)
-    if expected.numel() == 0:
-        return
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(actual).all(), f"{what}: not finite"
-    if scale is None:
-        scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= rtol * max(scale, 1e-30) + 1e-300, f"{what}: max error {err} vs scale {scale}"
+    assert_scaled_close(actual, expected, rtol, what, scale)
 
 
 def _entry_scale(student, teacher, tau, normalize):
