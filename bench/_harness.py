@@ -526,6 +526,37 @@ def write_report(
     print(f"wrote {out} and {md}")
 
 
+def speed_table(results: list[dict[str, Any]], copy: dict[str, Any] | None, *,
+                case_key: Callable[[dict], tuple],
+                labels: Sequence[tuple[str, Callable[[dict], str]]],
+                extras: Sequence[tuple[str, Callable[[dict, dict | None], str]]] = (),
+                floor_bytes: Callable[[dict], float] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The table of the scripts that time providers against eager: the `labels` columns, pass,
+    provider, time, speed over eager's (the eager row of the same case_key), peak, peak/budget,
+    the `extras` columns (given the row and its eager row, or None), and with a copy bandwidth
+    the least traffic (floor_bytes) over the time as a fraction of it. A failed row shows its
+    error instead."""
+    eager = {case_key(r): r for r in results if r["provider"] == "eager" and "error" not in r}
+    bw = copy["bandwidth_Bps"] if copy and "bandwidth_Bps" in copy else None
+    headers = [h for h, _ in labels] + ["pass", "provider", "time", "vs eager", "peak", "peak/budget"]
+    headers += [h for h, _ in extras] + (["floor/time"] if bw else [])
+    rows = []
+    for r in results:
+        lead = [label(r) for _, label in labels] + [r["pass_"], r["provider"]]
+        if "error" in r:
+            rows.append(lead + [r["error"][:60]] + [""] * (len(headers) - len(lead) - 1))
+            continue
+        base = eager.get(case_key(r))
+        speed = base["median_s"] / r["median_s"] if base else None
+        row = lead + [fmt_time(r["median_s"]), fmt_ratio(speed), fmt_mb(r["peak_bytes"]),
+                      fmt_ratio(r["peak_ratio"])]
+        row += [extra(r, base) for _, extra in extras]
+        if bw:
+            row.append(fmt_ratio(floor_bytes(r) / bw / r["median_s"]))
+        rows.append(row)
+    return headers, rows
+
+
 def _sig3(x: float) -> str:
     """Three significant digits without an exponent: 1.23, 12.3, 123, 1234."""
     return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"

@@ -166,28 +166,14 @@ def case_key(r: dict) -> tuple:
     return r["N"], r["V"], r["dtype"], r["pass_"]
 
 
-def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list[str]]]:
-    eager = {case_key(r): r for r in results if r["provider"] == "eager" and "error" not in r}
-    bw = copy["bandwidth_Bps"] if copy and "bandwidth_Bps" in copy else None
-    headers = ["case", "pass", "provider", "time", "vs eager", "peak", "peak/budget", "peak/eager"]
-    if bw:
-        headers.append("floor/time")
-    rows = []
-    for r in results:
-        case = f"{r['N']}x{r['V']} {r['dtype']}"
-        if "error" in r:
-            rows.append([case, r["pass_"], r["provider"], r["error"][:60]] + [""] * (len(headers) - 4))
-            continue
-        base = eager.get(case_key(r))
-        speed = base["median_s"] / r["median_s"] if base else None
-        mem = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None
-        row = [case, r["pass_"], r["provider"], H.fmt_time(r["median_s"]), H.fmt_ratio(speed),
-               H.fmt_mb(r["peak_bytes"]), H.fmt_ratio(r["peak_ratio"]), H.fmt_ratio(mem)]
-        if bw:
-            row.append(H.fmt_ratio(floor_bytes(r) / bw / r["median_s"]))
-        rows.append(row)
-    return headers, rows
+def peak_over_eager(r: dict, base: dict | None) -> str:
+    return H.fmt_ratio(r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None)
 
+
+def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list[str]]]:
+    return H.speed_table(results, copy, case_key=case_key, floor_bytes=floor_bytes,
+                         labels=[("case", lambda r: f"{r['N']}x{r['V']} {r['dtype']}")],
+                         extras=[("peak/eager", peak_over_eager)])
 
 def main(argv=None) -> int:
     ap = H.bench_parser(__doc__, plan_flag="--shapes", plan_help="comma list of NxV[:dtype]",

@@ -159,27 +159,9 @@ def case_key(r: dict) -> tuple:
 
 
 def report(results: list[dict], copy: dict | None) -> tuple[list[str], list[list[str]]]:
-    eager = {case_key(r): r for r in results if r["provider"] == "eager" and "error" not in r}
-    bw = copy["bandwidth_Bps"] if copy and "bandwidth_Bps" in copy else None
-    headers = ["case", "divergence", "pass", "provider", "time", "vs eager", "peak", "peak/budget"]
-    if bw:
-        headers.append("floor/time")
-    rows = []
-    for r in results:
-        case = f"{r['N']}x{r['V']} K={r['K']} {r['dtype']}"
-        if "error" in r:
-            rows.append([case, r["divergence"], r["pass_"], r["provider"], r["error"][:60]] +
-                        [""] * (len(headers) - 5))
-            continue
-        base = eager.get(case_key(r))
-        speed = base["median_s"] / r["median_s"] if base else None
-        row = [case, r["divergence"], r["pass_"], r["provider"], H.fmt_time(r["median_s"]),
-               H.fmt_ratio(speed), H.fmt_mb(r["peak_bytes"]), H.fmt_ratio(r["peak_ratio"])]
-        if bw:
-            row.append(H.fmt_ratio(floor_bytes(r) / bw / r["median_s"]))
-        rows.append(row)
-    return headers, rows
-
+    return H.speed_table(results, copy, case_key=case_key, floor_bytes=floor_bytes, labels=[
+        ("case", lambda r: f"{r['N']}x{r['V']} K={r['K']} {r['dtype']}"),
+        ("divergence", lambda r: r["divergence"])])
 
 def main(argv=None) -> int:
     ap = H.bench_parser(__doc__, plan_flag="--shapes", plan_help="comma list of NxVxK[:dtype]",
